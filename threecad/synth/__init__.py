@@ -1,0 +1,6 @@
+"""Synthetic data: machined-metal surfaces with painted defects.
+
+``surface`` renders clean textures and paints defect polygons; ``dataset`` writes an already
+processed 3CAD-layout tree for fast tests of the later stages; ``raw`` writes a raw line-scan-like
+set with LabelMe annotations (and deliberate breakage) for the preprocessing pipeline.
+"""

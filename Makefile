@@ -19,10 +19,11 @@ DEMO_DIR ?= demo_out
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-	# 1) torch already there: keep it. 2) a local wheel (pip find-links): no index at all.
-	# 3) otherwise the CPU index on machines without an NVIDIA GPU, the default index with one.
+	# 1) torch already there: keep it. 2) a local wheel (pip find-links), taken without any index;
+	# its own dependencies come with the project below. 3) otherwise the CPU index on machines
+	# without an NVIDIA GPU, the default index with one.
 	$(BIN)/python -c "import torch" 2>/dev/null || \
-	  $(BIN)/python -m pip install -q --no-index "$(TORCH_SPEC)" 2>/dev/null || \
+	  $(BIN)/python -m pip install -q --no-index --no-deps "$(TORCH_SPEC)" 2>/dev/null || \
 	  $(BIN)/python -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)

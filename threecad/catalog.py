@@ -19,6 +19,9 @@ class CategoryInfo:
     defect_types: int
     height: tuple[int, int]
     width: tuple[int, int]
+    #: Ranges of anomalous regions (NE) and of defect types (TE) per defective image (README table).
+    regions: tuple[int, int] | None = None
+    types_per_image: tuple[int, int] | None = None
 
     @property
     def test(self) -> int:
@@ -27,14 +30,14 @@ class CategoryInfo:
 
 #: The paper's Table 1, in the paper's column order.
 CATEGORIES: tuple[CategoryInfo, ...] = (
-    CategoryInfo("ACC", "Aluminum_Camera_Cover", 784, 369, 1077, 10, (288, 1024), (288, 1024)),
-    CategoryInfo("AI", "Aluminum_Ipad", 2096, 913, 1134, 3, (760, 1024), (600, 1024)),
-    CategoryInfo("AMF", "Aluminum_Middle_Frame", 1548, 731, 748, 5, (540, 1024), (800, 950)),
-    CategoryInfo("ANMF", "Aluminum_New_Middle_Frame", 1072, 670, 736, 6, (400, 1024), (430, 1024)),
-    CategoryInfo("ANI", "Aluminum_New_Ipad", 2233, 999, 3937, 4, (420, 1024), (580, 1024)),
-    CategoryInfo("AP", "Aluminum_Pc", 1698, 911, 2250, 14, (430, 1024), (409, 1024)),
-    CategoryInfo("CS", "Copper_Stator", 409, 196, 763, 1, (1024, 1024), (1024, 1024)),
-    CategoryInfo("IS", "Iron_Stator", 653, 295, 817, 4, (1024, 1024), (1024, 1024)),
+    CategoryInfo("ACC", "Aluminum_Camera_Cover", 784, 369, 1077, 10, (288, 1024), (288, 1024), (1, 6), (1, 1)),
+    CategoryInfo("AI", "Aluminum_Ipad", 2096, 913, 1134, 3, (760, 1024), (600, 1024), (1, 10), (1, 2)),
+    CategoryInfo("AMF", "Aluminum_Middle_Frame", 1548, 731, 748, 5, (540, 1024), (800, 950), (1, 9), (1, 4)),
+    CategoryInfo("ANMF", "Aluminum_New_Middle_Frame", 1072, 670, 736, 6, (400, 1024), (430, 1024), (1, 6), (1, 2)),
+    CategoryInfo("ANI", "Aluminum_New_Ipad", 2233, 999, 3937, 4, (420, 1024), (580, 1024), (1, 23), (1, 2)),
+    CategoryInfo("AP", "Aluminum_Pc", 1698, 911, 2250, 14, (430, 1024), (409, 1024), (1, 12), (1, 3)),
+    CategoryInfo("CS", "Copper_Stator", 409, 196, 763, 1, (1024, 1024), (1024, 1024), (1, 9), (1, 1)),
+    CategoryInfo("IS", "Iron_Stator", 653, 295, 817, 4, (1024, 1024), (1024, 1024), (1, 12), (1, 2)),
 )
 
 CATEGORY_FOLDERS: tuple[str, ...] = tuple(c.folder for c in CATEGORIES)
@@ -59,6 +62,54 @@ ALIASES: dict[str, str] = {
 TOTAL_TRAIN = 10_493
 TOTAL_TEST_GOOD = 5_084
 TOTAL_TEST_DEFECT = 11_462
+TOTAL_DEFECT_TYPES = 47
+
+
+@dataclass(frozen=True)
+class ArchiveSource:
+    """Where a released archive lives.
+
+    ``sha256`` is ``None`` where the authors published none: ``3cad data download`` then prints the
+    digest it computed so a lab can pin its copy (``--sha256``). The archive format is detected
+    from the file's content, not its name, because the Drive listing does not state it.
+    """
+
+    name: str
+    url: str
+    filename: str
+    sha256: str | None
+    description: str
+
+
+#: Archives linked from the official repository README (newest version first). Google Drive
+#: serves large files through a confirmation page; ``threecad.download`` asks for the direct
+#: download and says what to do when Drive still answers with a web page.
+SOURCES: dict[str, ArchiveSource] = {
+    "3cad": ArchiveSource(
+        "3cad",
+        "https://drive.google.com/file/d/1BIX0H8TZp0wmrAnXPw8_aCAIX1j1Fzwz/view?usp=sharing",
+        "3CAD.zip",
+        None,
+        "3CAD with English defect-type folder names (released 2025-04-22; the current edition)",
+    ),
+    "3cad-pinyin": ArchiveSource(
+        "3cad-pinyin",
+        "https://drive.google.com/file/d/1zhCHL6oH8_IuEkU72F-9bltroiBHmmcH/view?usp=sharing",
+        "3CAD-Pinyin.zip",
+        None,
+        "3CAD with Pinyin defect-type folder names (the only edition before 2025-04-22)",
+    ),
+    "3cad-first": ArchiveSource(
+        "3cad-first",
+        "https://drive.google.com/file/d/1VQLV5fqm84uNDqXtvhYS14XazpAeinMX/view?usp=drive_link",
+        "3CAD-first.zip",
+        None,
+        "the earliest 3CAD link (superseded; kept so old copies can be traced)",
+    ),
+}
+
+#: What the authors state about the dataset's licence: nothing (no LICENSE file, no README wording).
+LICENSE_NOTE = "The 3CAD authors state no licence for the dataset or the code; ask them before redistributing it."
 
 
 def canonical_category(name: str) -> str | None:

@@ -1,0 +1,1 @@
+"""The leaderboard: submissions of maps, a SQLite results store, standardized runs, tables and a site."""

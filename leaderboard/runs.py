@@ -1,0 +1,293 @@
+"""Standardized runs: every registered method fitted, predicted, evaluated and timed the same way.
+
+Same data, seed, image size and device for everyone; for each category: ``baselines.runner.train``,
+``baselines.runner.predict`` (native-size maps), evaluation under both protocols, and inference
+timing the way the MVTec AD 2 runtime protocol measures it: batch size 1, warm-up passes first,
+and each timed pass covers the copy of the image to the device, the forward pass and the map coming
+back to host memory. Memory is the peak reserved by PyTorch's CUDA allocator
+(``torch.cuda.memory_stats()['reserved_bytes.all.peak']``) on a GPU, and the process's peak resident
+set size during the timed passes on a CPU (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``).
+
+A run is identified by the sha256 of its settings (method, configuration, seed, size, resize, dtype,
+dataset fingerprint, device): its categories are stored one at a time, so an interrupted run
+resumes where it stopped and finished categories are never redone.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leaderboard.reported import family_of
+from leaderboard.store import Store
+from leaderboard.submit import PROTOCOLS, curve_rows, dataset_fingerprint, evaluate_tree, result_rows
+from threecad.device import resolve_device
+from threecad.errors import ThreecadError
+
+log = logging.getLogger(__name__)
+
+RUNTIME = "runtime"
+DEFAULT_RUNS_DIR = Path("~/.threecad/runs")
+
+
+# ---------------------------------------------------------------------------------------------- hardware
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def hardware_info(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """What a timing was measured on (stored with every runtime number)."""
+    device = resolve_device(device)
+    info: dict[str, Any] = {
+        "device": device.type,
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "ram_gb": _ram_gb(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def _reset_cpu_peak() -> bool:
+    """Reset the kernel's peak-RSS counter of this process (Linux >= 4.0); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cpu_peak_mb() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # lifetime peak, KiB on Linux
+    except (ImportError, OSError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    latencies_ms: list[float]
+    peak_memory_mb: float | None
+    memory_kind: str  # "cuda_reserved_peak" or "cpu_peak_rss" (or "cpu_lifetime_peak_rss")
+    warmup: int
+
+    @property
+    def mean_ms(self) -> float:
+        return statistics.fmean(self.latencies_ms)
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [
+            {"protocol": RUNTIME, "metric": "latency_ms", "value": self.mean_ms},
+            {"protocol": RUNTIME, "metric": "throughput_ips", "value": 1000.0 / self.mean_ms},
+            {"protocol": RUNTIME, "metric": "peak_memory_mb", "value": self.peak_memory_mb},
+        ]
+
+
+def time_inference(method, images: list[torch.Tensor], device: str | torch.device, warmup: int = 3,
+                   timed: int = 20) -> Timing:
+    """Batch-1 latency of ``method.predict``; ``images`` are CPU tensors (3, H, W), decoded beforehand.
+
+    Each timed pass starts with the image in host memory and ends with the map in host memory
+    (``predict`` returns numpy arrays, which forces the device to finish).
+    """
+    if not images:
+        raise ThreecadError("no test images to time inference on")
+    device = resolve_device(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        kind = "cuda_reserved_peak"
+    else:
+        kind = "cpu_peak_rss" if _reset_cpu_peak() else "cpu_lifetime_peak_rss"
+    latencies = []
+    for i in range(warmup + timed):
+        image = images[i % len(images)]
+        start = time.perf_counter()
+        batch = image.unsqueeze(0).to(device, non_blocking=False)
+        scores, maps = method.predict(batch)
+        if isinstance(maps, torch.Tensor):  # the protocol requires the map back on the host
+            maps = maps.cpu()
+        if cuda:
+            torch.cuda.synchronize(device)
+        elapsed = (time.perf_counter() - start) * 1000.0
+        if i >= warmup:
+            latencies.append(elapsed)
+    if cuda:
+        peak = torch.cuda.memory_stats(device)["reserved_bytes.all.peak"] / 2**20
+    else:
+        peak = _cpu_peak_mb()
+    return Timing(latencies, peak, kind, warmup)
+
+
+# ---------------------------------------------------------------------------------------------- runs
+@dataclass
+class RunSummary:
+    sha256: str
+    method: str
+    done: list[str] = field(default_factory=list)  # categories run now
+    skipped: list[str] = field(default_factory=list)  # categories already stored (resumed)
+    results: dict[str, dict[str, dict[str, float | None]]] = field(default_factory=dict)
+
+    def text(self) -> str:
+        lines = [f"standardized run {self.sha256[:12]} ({self.method}): ran {', '.join(self.done) or 'nothing'}"
+                 + (f"; already stored: {', '.join(self.skipped)}" if self.skipped else "")]
+        for category, values in self.results.items():
+            cells = ", ".join(f"{k} {'-' if v is None else round(v, 4)}" for k, v in values.items())
+            lines.append(f"  {category}: {cells}")
+        return "\n".join(lines)
+
+
+def run_identity(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _mean_rows(store: Store, sha: str) -> list[dict[str, Any]]:
+    """The run's ``mean`` rows over every category stored so far (None if any category lacks a value)."""
+    from threecad.metrics.evaluator import mean_of
+
+    by_key: dict[tuple[str, str], list[float | None]] = {}
+    for row in store.results(submission=sha):
+        if row["category"] != "mean":
+            by_key.setdefault((row["protocol"], row["metric"]), []).append(row["value"])
+    return [{"category": "mean", "protocol": p, "metric": m, "value": mean_of(v)} for (p, m), v in by_key.items()]
+
+
+def _method_scores(path: Path, category: str) -> dict[tuple[str, str], float] | None:
+    """The method's own image scores for one category from the runner's ``scores.csv`` (None if absent)."""
+    if not path.is_file():
+        return None
+    with open(path, newline="") as handle:
+        return {(r["category"], r["path"]): float(r["score"]) for r in csv.DictReader(handle)
+                if r["category"] == category}
+
+
+def standardized_run(
+    method: str,
+    dataset: str | Path,
+    categories: list[str] | None = None,
+    store: Store | str | Path | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+    size: int = 256,
+    resize: str = "squash",
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    warmup: int = 3,
+    timed: int = 20,
+    eval_device: str = "cpu",
+) -> RunSummary:
+    """Fit, predict, evaluate (both protocols) and time ``method`` per category; results go to the store.
+
+    ``out`` holds run folders and maps (default ``~/.threecad/runs/<run id>``). Categories whose
+    results are already stored for this exact run are skipped.
+    """
+    from baselines import runner
+    from baselines.base import get_method, load_method
+    from threecad.data import AnomalyDataset
+
+    dataset = Path(dataset)
+    cats = runner.resolve_categories(dataset, categories)
+    get_method(method)  # unknown method: clear error before any work
+    torch_device = resolve_device(device)
+    hardware = hardware_info(torch_device)
+    fingerprint = dataset_fingerprint(dataset)
+    settings = {
+        "kind": "standardized-run", "method": method, "config": config or {}, "seed": seed, "size": size,
+        "resize": resize, "dtype": dtype, "dataset_fingerprint": fingerprint, "device": torch_device.type,
+        "gpu": hardware.get("gpu"), "warmup": warmup, "timed": timed,
+    }
+    sha = run_identity(settings)
+    out = Path(out).expanduser() if out is not None else DEFAULT_RUNS_DIR.expanduser() / sha[:12]
+    own_store = not isinstance(store, Store)
+    db = Store(store) if own_store else store
+    record = {
+        "sha256": sha, "method": method, "version": "standardized", "family": family_of(method),
+        "source": "evaluated", "dataset_fingerprint": fingerprint, "eval_size": f"{size}x{size} {resize}",
+        "hardware": hardware, "meta": {**settings, "runner": "leaderboard.runs.standardized_run"},
+    }
+    summary = RunSummary(sha, method)
+    try:
+        finished = db.categories_done(sha, [*PROTOCOLS, RUNTIME])
+        for category in cats:
+            if category in finished:
+                log.info("%s: already stored for run %s; skipped", category, sha[:12])
+                summary.skipped.append(category)
+                continue
+            run_dirs = runner.train(method, dataset, [category], out=out / "runs", device=str(torch_device),
+                                    size=size, resize=resize, seed=seed, config=config)
+            run_dir = run_dirs[0]
+            runner.predict(run_dir, dataset, out / "maps", dtype=dtype, device=str(torch_device))
+            scores = _method_scores(out / "maps" / runner.SCORES_FILE, category)
+            results = {p: evaluate_tree(out / "maps", dataset, p, [category], scores=scores, device=eval_device)
+                       for p in PROTOCOLS}
+            model = load_method(run_dir, **({"device": str(torch_device)}
+                                            if "device" in get_method(method).config_keys() else {}))
+            test_set = AnomalyDataset(dataset, category, "test", size=size, resize=resize)
+            images = [test_set[i]["image"] for i in range(min(len(test_set), warmup + timed))]
+            timing = time_inference(model, images, torch_device, warmup, timed)
+            fit_s = runner.read_run(run_dir).get("timings", {}).get("fit_s")
+            rows = [row for r in results.values() for row in result_rows(r) if row["category"] != "mean"]
+            rows += [{**row, "category": category} for row in timing.rows()]
+            rows.append({"category": category, "protocol": RUNTIME, "metric": "fit_s", "value": fit_s})
+            curves = [row for r in results.values() for row in curve_rows(r)]
+            db.add_submission({**record, "meta": {**record["meta"], "memory_kind": timing.memory_kind}},
+                              rows, curves, replace_results=True)
+            db.add_submission(record, _mean_rows(db, sha), replace_results=True)
+            summary.done.append(category)
+            summary.results[category] = {
+                **{f"{p}:{m}": v for p, r in results.items() for m, v in r["categories"][category].items()},
+                "latency_ms": timing.mean_ms, "peak_memory_mb": timing.peak_memory_mb,
+            }
+            log.info("%s: stored (latency %.1f ms/image, peak memory %s MB)", category, timing.mean_ms,
+                     None if timing.peak_memory_mb is None else round(timing.peak_memory_mb))
+    finally:
+        if own_store:
+            db.close()
+    return summary

@@ -1,0 +1,208 @@
+"""``3cad leaderboard site OUT``: one self-contained static HTML page.
+
+No external resources (no CDN, fonts or scripts): the tables are inline HTML, sorting is a few lines
+of inline JavaScript, and the charts are PNGs drawn with matplotlib's Agg backend and embedded as
+base64 data URIs, so the file can be mailed, archived or served from anywhere, offline.
+
+Every table states its protocol and source in its caption and every cell repeats them in its
+``title``; published (``reported``) numbers and our own evaluations are separate tables, as are the
+two protocols.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from leaderboard import reported  # noqa: E402
+from leaderboard.store import Store  # noqa: E402
+from leaderboard.tables import build_table, category_label, metric_label  # noqa: E402
+from threecad.io import write_text  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+PAIRS = (("p_auroc", "p_ap"), ("i_auroc", "aupro"), ("i_f1max", "p_f1max"))
+RUNTIME_PAIR = ("latency_ms", "peak_memory_mb")
+#: (protocol, source) sections in page order.
+SECTIONS = (("3cad-paper", "reported"), ("3cad-paper", "evaluated"), ("mvtec", "evaluated"))
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
+table.leaderboard{border-collapse:collapse;margin:1em 0;font-size:13px}
+table.leaderboard th,table.leaderboard td{border:1px solid #ccc;padding:3px 6px;text-align:center}
+table.leaderboard th{background:#f0f0f0;cursor:pointer;user-select:none}
+table.leaderboard th:after{content:" \\2195";color:#999}
+table.leaderboard caption{text-align:left;font-weight:600;padding:4px 0}
+table.leaderboard td:nth-child(-n+2){text-align:left}
+.note{color:#555;font-size:13px} img.chart{max-width:100%;border:1px solid #eee;margin:6px 0}
+pre{background:#f7f7f7;padding:8px;font-size:12px;overflow:auto}
+"""
+
+_JS = r"""
+function sortTable(th){
+  var table=th.closest('table'), body=table.tBodies[0], idx=Array.prototype.indexOf.call(th.parentNode.children, th);
+  var asc=th.getAttribute('data-dir')!=='asc'; th.setAttribute('data-dir', asc?'asc':'desc');
+  var rows=Array.prototype.slice.call(body.rows);
+  rows.sort(function(a,b){
+    var x=a.cells[idx].getAttribute('data-sort'), y=b.cells[idx].getAttribute('data-sort');
+    if(x===null||y===null){x=a.cells[idx].textContent;y=b.cells[idx].textContent;return asc?x.localeCompare(y):y.localeCompare(x);}
+    var fx=x===''?-Infinity:parseFloat(x), fy=y===''?-Infinity:parseFloat(y);
+    return asc?fx-fy:fy-fx;});
+  rows.forEach(function(r){body.appendChild(r);});
+}
+document.addEventListener('DOMContentLoaded',function(){
+  var tables=document.querySelectorAll('table.leaderboard');
+  document.querySelectorAll('table.leaderboard th').forEach(function(th){th.addEventListener('click',function(){sortTable(th);});});
+  document.body.setAttribute('data-tables', tables.length);
+  // Deep link to a sorted view: #sort-<table>-<column>[-asc], 0-based, e.g. #sort-0-10 (first table by Mean).
+  var m=/^#sort-(\d+)-(\d+)(-asc)?$/.exec(location.hash);
+  if(m&&tables[+m[1]]){var th=tables[+m[1]].tHead.rows[0].cells[+m[2]];
+    if(th){if(!m[3]){th.setAttribute('data-dir','asc');} sortTable(th);}}
+});
+window.addEventListener('load',function(){
+  var imgs=document.querySelectorAll('img.chart'), ok=0;
+  imgs.forEach(function(i){if(i.complete&&i.naturalWidth>0){ok++;}});
+  document.body.setAttribute('data-images-ok', ok);
+  document.body.setAttribute('data-images', imgs.length);
+});
+"""
+
+
+def _png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _img(data: str, alt: str) -> str:
+    return f'<img class="chart" alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _label(row: dict[str, Any]) -> str:
+    version = row.get("version")
+    return f"{row['method']} ({version})" if version else row["method"]
+
+
+def bar_chart(rows: list[dict[str, Any]], protocol: str, metrics: tuple[str, ...] = ("i_auroc", "p_auroc")) -> str:
+    """Grouped bars: one group per category, one bar per evaluated entry, one panel per metric."""
+    entries = sorted({(r["submission_sha256"], _label(r)) for r in rows}, key=lambda e: e[1])
+    categories = sorted({r["category"] for r in rows if r["category"] != "mean"}) + ["mean"]
+    values = {(r["submission_sha256"], r["category"], r["metric"]): r["value"] for r in rows}
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.4), squeeze=False)
+    width = 0.8 / max(1, len(entries))
+    for ax, metric in zip(axes[0], metrics):
+        for k, (sha, label) in enumerate(entries):
+            heights = [values.get((sha, c, metric)) for c in categories]
+            xs = [i + k * width - 0.4 + width / 2 for i in range(len(categories))]
+            ax.bar(xs, [0 if h is None else 100 * h for h in heights], width, label=label)
+        ax.set_xticks(range(len(categories)), [category_label(c) for c in categories], rotation=30, fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel(f"{metric_label(metric, protocol)} (%)")
+        ax.set_title(f"{metric_label(metric, protocol)}, protocol {protocol}", fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    return _png(fig)
+
+
+def curve_chart(curves: list[dict[str, Any]], labels: dict[str, str], category: str, protocol: str) -> str:
+    """Pixel ROC and PRO curves (FPR <= 0.3) of every evaluated entry for one category."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for curve in curves:
+        ax = axes[0] if curve["kind"] == "roc" else axes[1]
+        ax.plot(curve["x"], curve["y"], lw=1.2, label=labels.get(curve["submission_sha256"], curve["submission_sha256"][:8]))
+    axes[0].plot([0, 1], [0, 1], color="#bbb", lw=0.8, ls="--")
+    axes[0].set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"pixel ROC, {category_label(category)}")
+    axes[1].set(xlabel="false-positive rate", ylabel="PRO", title=f"PRO, {category_label(category)}")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.title.set_fontsize(10)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"protocol {protocol}, source evaluated", fontsize=9)
+    return _png(fig)
+
+
+def _table_html(store: Store, metrics: tuple[str, ...], protocol: str, source: str) -> str | None:
+    rows = store.results(source=source, protocol=protocol, metrics=metrics)
+    table = build_table(rows, metrics, protocol, source)
+    if not table.rows:
+        return None
+    return table.render("html")
+
+
+def build_site(store: Store | str | Path | None, out: str | Path, title: str = "threecad leaderboard") -> Path:
+    """Write the page to ``out`` (a file, or ``<out>/index.html`` for a folder); returns its path."""
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        out = out / "index.html"
+    own = not isinstance(store, Store)
+    db = Store(store) if own else store
+    try:
+        parts = [f"<h1>{html.escape(title)}</h1>",
+                 f'<p class="note">Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from '
+                 f"{html.escape(str(db.path))}. Percentages with one decimal; per column the best value is "
+                 "<b>bold</b> and the second <u>underlined</u>; \"-\" means not available. Click a column "
+                 "header to sort. <b>Protocol</b> <code>3cad-paper</code> is the 3CAD paper's own evaluation "
+                 "(256x256, Gaussian-smoothed maps, per-image P-PRO); <code>mvtec</code> is the standard MVTec AD "
+                 "definition at native resolution (AU-PRO up to FPR 0.3). <b>Source</b> <code>reported</code> "
+                 "numbers are copied from the paper; <code>evaluated</code> numbers were computed here from "
+                 "submitted maps or standardized runs. The two protocols and the two sources are never mixed "
+                 "in one table.</p>"]
+        for protocol, source in SECTIONS:
+            tables = [t for t in (_table_html(db, pair, protocol, source) for pair in PAIRS) if t]
+            if not tables:
+                continue
+            parts.append(f'<h2 id="{protocol}-{source}">Protocol {protocol}, source {source}</h2>')
+            parts.extend(tables)
+            if source == "reported":
+                parts.append(f"<pre>{html.escape(reported.mean_check_report())}</pre>")
+        runtime = _table_html(db, RUNTIME_PAIR, "runtime", "evaluated")
+        if runtime:
+            parts.append('<h2 id="runtime">Inference speed and memory (standardized runs, source evaluated)</h2>')
+            parts.append('<p class="note">Batch 1 after warm-up; each timed pass includes the copy of the image '
+                         "to the device and of the map back to the host. Memory: peak reserved by PyTorch's CUDA "
+                         "allocator on a GPU, peak resident set size on a CPU. Hardware is recorded per entry "
+                         "(see <code>3cad leaderboard list</code>).</p>")
+            parts.append(runtime)
+        evaluated = db.results(source="evaluated")
+        labels = {r["submission_sha256"]: _label(r) for r in evaluated}
+        charts = []
+        for protocol in ("mvtec", "3cad-paper"):
+            rows = [r for r in evaluated if r["protocol"] == protocol and r["metric"] in ("i_auroc", "p_auroc")]
+            if rows:
+                charts.append(f"<h3>Per-category results, protocol {protocol}</h3>")
+                charts.append(_img(bar_chart(rows, protocol), f"bar chart, protocol {protocol}"))
+            curves = [c for c in db.curves() if c["protocol"] == protocol and c["submission_sha256"] in labels]
+            for category in sorted({c["category"] for c in curves}):
+                chosen = [c for c in curves if c["category"] == category]
+                charts.append(_img(curve_chart(chosen, labels, category, protocol),
+                                   f"ROC and PRO curves, {category}, protocol {protocol}"))
+        if charts:
+            parts.append('<h2 id="charts">Charts of evaluated entries</h2>')
+            parts.extend(charts)
+        else:
+            parts.append('<p class="note">No evaluated entries yet: submit maps with '
+                         "<code>3cad leaderboard submit</code> or run <code>3cad leaderboard run</code>.</p>")
+        page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                f"<title>{html.escape(title)}</title><style>{_CSS}</style><script>{_JS}</script></head>"
+                "<body>\n" + "\n".join(parts) + "\n</body></html>\n")
+        write_text(out, page)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(out, 0o666 & ~umask)  # a page to serve: readable like any file the user creates
+        log.debug("wrote %s (%d KB)", out, len(page) // 1024)
+        return out
+    finally:
+        if own:
+            db.close()

@@ -1,0 +1,172 @@
+"""``3cad leaderboard submit``: validate, evaluate under both protocols, store.
+
+Order matters for the guarantees: validation runs first and a rejected submission raises before
+the store is written; evaluation runs outside any database transaction (it can take minutes), and
+the results are then written in one transaction keyed by the content sha256, so a re-submission or
+a second process racing with the same bytes stores nothing twice and a killed process stores
+nothing at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leaderboard.reported import family_of
+from leaderboard.store import Store
+from leaderboard.submission import (
+    Limits,
+    SubmissionRejected,
+    UnsafeSubmission,
+    ValidationReport,
+    _check_categories,
+    content_sha256,
+    open_submission,
+    read_scores,
+    validate_tree,
+)
+from threecad.layout import list_samples
+from threecad.progress import progress
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("mvtec", "3cad-paper")
+_fingerprints: dict[str, str] = {}
+
+
+def dataset_fingerprint(dataset: str | Path) -> str:
+    """The dataset's content fingerprint (``threecad.verify``), cached per process and path."""
+    from threecad.verify import verify_dataset
+
+    key = str(Path(dataset).resolve())
+    if key not in _fingerprints:
+        _fingerprints[key] = verify_dataset(dataset, fingerprint=True).fingerprint
+    return _fingerprints[key]
+
+
+def evaluate_tree(
+    root: Path,
+    dataset: Path,
+    protocol: str,
+    categories: list[str],
+    size: list[int] | None = None,
+    scores: dict[tuple[str, str], float] | None = None,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate a validated submission folder (curves included).
+
+    Without ``scores`` (or under ``3cad-paper``, whose image score is by definition the max of the
+    smoothed map) this is :func:`threecad.metrics.evaluate_predictions`; with ``scores.csv`` under
+    ``mvtec`` the image scores are passed to the same :class:`~threecad.metrics.Evaluator`.
+    """
+    from threecad.maps import find_map, read_map
+    from threecad.metrics import Evaluator, evaluate_predictions
+    from threecad.metrics.predictions import _ground_truth
+
+    declared = None if size is None else (int(size[0]), int(size[1]))
+    if scores is None or protocol != "mvtec":
+        return evaluate_predictions(dataset, root, protocol=protocol, categories=categories, device=device,
+                                    size=declared, curves=True)
+    evaluator = Evaluator(protocol=protocol, device=device, size=declared)
+    for category in categories:
+        samples = list_samples(dataset, category, "test")
+        for start in progress(range(0, len(samples), 32), desc=f"evaluate {category}"):
+            chunk = samples[start:start + 32]
+            maps = [read_map(find_map(root, category, s.defect, s.stem)) for s in chunk]
+            masks = [_ground_truth(s) for s in chunk]
+            evaluator.update(maps, masks, image_scores=[scores[(category, s.relpath)] for s in chunk],
+                             labels=[s.label for s in chunk], categories=category)
+    return evaluator.compute(curves=True)
+
+
+def result_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flatten an evaluator result into store rows (per category plus the evaluator's ``mean``)."""
+    rows = []
+    protocol = result["protocol"]
+    for category, values in [*result["categories"].items(), ("mean", result["mean"])]:
+        for metric, value in values.items():
+            rows.append({"category": category, "protocol": protocol, "metric": metric, "value": value})
+    return rows
+
+
+def curve_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for category, curves in (result.get("curves") or {}).items():
+        for kind, points in (curves or {}).items():
+            if points and len(points) == 2 and len(points[0]):
+                rows.append({"category": category, "protocol": result["protocol"], "kind": kind,
+                             "x": [float(v) for v in points[0]], "y": [float(v) for v in points[1]]})
+    return rows
+
+
+@dataclass
+class SubmitResult:
+    sha256: str
+    stored: bool  # False: the same content was already in the store
+    method: str
+    report: ValidationReport
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)  # protocol -> evaluator result
+
+    def text(self) -> str:
+        from threecad.metrics import format_table
+
+        head = (f"stored submission {self.sha256[:12]} ({self.method})" if self.stored
+                else f"already stored: submission {self.sha256[:12]} ({self.method}); nothing changed")
+        return "\n\n".join([head, *(format_table(r) for r in self.results.values())])
+
+
+def submit(
+    submission: str | Path,
+    dataset: str | Path,
+    store: Store | str | Path | None = None,
+    categories: list[str] | None = None,
+    device: str = "cpu",
+    limits: Limits = Limits(),
+    fingerprint: str | None = None,
+    workdir: str | Path | None = None,
+) -> SubmitResult:
+    """Validate, evaluate (``mvtec`` and ``3cad-paper``) and store a submission; idempotent by content.
+
+    Raises :class:`SubmissionRejected` (with the full report) before touching the store when the
+    submission is invalid.
+    """
+    dataset = Path(dataset)
+    cats = _check_categories(dataset, categories)
+    own_store = not isinstance(store, Store)
+    db = Store(store) if own_store else store
+    try:
+        try:
+            with open_submission(submission, limits, workdir) as root:
+                report = validate_tree(root, dataset, cats, limits, label=str(submission))
+                if not report.ok:
+                    raise SubmissionRejected(report)
+                sha = report.sha256 = content_sha256(root)
+                method = report.meta["method"].strip()
+                if db.has_submission(sha):
+                    log.info("submission %s is already in %s", sha[:12], db.path)
+                    return SubmitResult(sha, False, method, report)
+                by_image = {(c, s.relpath): s for c in cats for s in list_samples(dataset, c, "test")}
+                scores = read_scores(root, by_image, ValidationReport(str(submission), str(dataset)))
+                results = {
+                    p: evaluate_tree(root, dataset, p, cats, report.size, scores, device) for p in PROTOCOLS
+                }
+        except UnsafeSubmission as exc:
+            report = ValidationReport(str(submission), str(dataset), cats, errors=[str(exc)])
+            raise SubmissionRejected(report) from None
+        meta = report.meta
+        family = meta.get("family") if meta.get("family") else family_of(method)
+        size = "native" if report.size is None else f"{report.size[0]}x{report.size[1]}"
+        record = {
+            "sha256": sha, "method": method, "version": meta.get("version"), "family": family,
+            "source": "evaluated", "dataset_fingerprint": fingerprint or dataset_fingerprint(dataset),
+            "eval_size": size, "hardware": meta.get("hardware"), "meta": meta,
+        }
+        rows = [row for r in results.values() for row in result_rows(r)]
+        curves = [row for r in results.values() for row in curve_rows(r)]
+        stored = db.add_submission(record, rows, curves)
+        return SubmitResult(sha, stored, method, report, results)
+    finally:
+        if own_store:
+            db.close()

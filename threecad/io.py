@@ -91,8 +91,10 @@ def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) from the header only, with the decompression-bomb guard."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
-            width, height = image.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with a clear error
+            with Image.open(path) as image:
+                width, height = image.size
     except FileNotFoundError:
         raise ThreecadError("file not found", path) from None
     except Exception as exc:  # PIL raises many types for corrupt files

@@ -1,0 +1,33 @@
+"""Polygon annotations: readers (LabelMe, COCO), the label map, validation + repair, rasterisation.
+
+The pieces are separate so that users can validate or rasterise their own annotations without
+running the whole preprocessing pipeline:
+
+* :mod:`~threecad.annotations.labelmap`: defect-type names, aliases (e.g. Pinyin to English) and
+  labels to ignore;
+* :mod:`~threecad.annotations.labelme` / :mod:`~threecad.annotations.coco`: readers producing
+  :class:`~threecad.annotations.shapes.RawAnnotation` objects;
+* :mod:`~threecad.annotations.shapes`: turn one annotation into a valid shapely geometry, reporting
+  every problem found and what was done about it;
+* :mod:`~threecad.annotations.raster`: the one pixel convention (pixel centres) used everywhere.
+"""
+
+from threecad.annotations.coco import read_coco
+from threecad.annotations.labelmap import LabelMap, load_label_map
+from threecad.annotations.labelme import LabelmeDoc, read_labelme
+from threecad.annotations.raster import rasterize, rle_decode, rle_encode
+from threecad.annotations.shapes import Issue, RawAnnotation, to_geometry
+
+__all__ = [
+    "Issue",
+    "LabelMap",
+    "LabelmeDoc",
+    "RawAnnotation",
+    "load_label_map",
+    "rasterize",
+    "read_coco",
+    "read_labelme",
+    "rle_decode",
+    "rle_encode",
+    "to_geometry",
+]

@@ -15,7 +15,6 @@ resumes where it stopped and finished categories are never redone.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -198,15 +197,6 @@ def _mean_rows(store: Store, sha: str) -> list[dict[str, Any]]:
     return [{"category": "mean", "protocol": p, "metric": m, "value": mean_of(v)} for (p, m), v in by_key.items()]
 
 
-def _method_scores(path: Path, category: str) -> dict[tuple[str, str], float] | None:
-    """The method's own image scores for one category from the runner's ``scores.csv`` (None if absent)."""
-    if not path.is_file():
-        return None
-    with open(path, newline="") as handle:
-        return {(r["category"], r["path"]): float(r["score"]) for r in csv.DictReader(handle)
-                if r["category"] == category}
-
-
 def standardized_run(
     method: str,
     dataset: str | Path,
@@ -264,8 +254,7 @@ def standardized_run(
                                     size=size, resize=resize, seed=seed, config=config)
             run_dir = run_dirs[0]
             runner.predict(run_dir, dataset, out / "maps", dtype=dtype, device=str(torch_device))
-            scores = _method_scores(out / "maps" / runner.SCORES_FILE, category)
-            results = {p: evaluate_tree(out / "maps", dataset, p, [category], scores=scores, device=eval_device)
+            results = {p: evaluate_tree(out / "maps", dataset, p, [category], device=eval_device)
                        for p in PROTOCOLS}
             model = load_method(run_dir, **({"device": str(torch_device)}
                                             if "device" in get_method(method).config_keys() else {}))

@@ -28,7 +28,6 @@ from leaderboard.submission import (
     validate_tree,
 )
 from threecad.layout import list_samples
-from threecad.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -52,33 +51,20 @@ def evaluate_tree(
     protocol: str,
     categories: list[str],
     size: list[int] | None = None,
-    scores: dict[tuple[str, str], float] | None = None,
+    scores: dict[tuple[str, str], float] | str | None = "auto",
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Evaluate a validated submission folder (curves included).
 
-    Without ``scores`` (or under ``3cad-paper``, whose image score is by definition the max of the
-    smoothed map) this is :func:`threecad.metrics.evaluate_predictions`; with ``scores.csv`` under
-    ``mvtec`` the image scores are passed to the same :class:`~threecad.metrics.Evaluator`.
+    ``scores`` are the image scores under ``mvtec`` (``3cad-paper`` defines its own): validated
+    ``scores.csv`` rows, ``"auto"`` for the folder's ``scores.csv`` if any, or ``None`` for the max
+    of each map.
     """
-    from threecad.maps import find_map, read_map
-    from threecad.metrics import Evaluator, evaluate_predictions
-    from threecad.metrics.predictions import _ground_truth
+    from threecad.metrics import evaluate_predictions
 
     declared = None if size is None else (int(size[0]), int(size[1]))
-    if scores is None or protocol != "mvtec":
-        return evaluate_predictions(dataset, root, protocol=protocol, categories=categories, device=device,
-                                    size=declared, curves=True)
-    evaluator = Evaluator(protocol=protocol, device=device, size=declared)
-    for category in categories:
-        samples = list_samples(dataset, category, "test")
-        for start in progress(range(0, len(samples), 32), desc=f"evaluate {category}"):
-            chunk = samples[start:start + 32]
-            maps = [read_map(find_map(root, category, s.defect, s.stem)) for s in chunk]
-            masks = [_ground_truth(s) for s in chunk]
-            evaluator.update(maps, masks, image_scores=[scores[(category, s.relpath)] for s in chunk],
-                             labels=[s.label for s in chunk], categories=category)
-    return evaluator.compute(curves=True)
+    return evaluate_predictions(dataset, root, protocol=protocol, categories=categories, device=device,
+                                size=declared, curves=True, scores=scores)
 
 
 def result_rows(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from threecad.data import read_mask
 from threecad.errors import ThreecadError
 from threecad.io import image_size
 from threecad.layout import list_categories, list_samples
-from threecad.maps import map_relpath, write_map
+from threecad.maps import map_relpath, read_map, write_map
 from threecad.metrics import METRICS, Evaluator, evaluate_predictions
 from threecad.metrics.ranking import float_keys, keys_to_float
 
@@ -471,3 +471,28 @@ def test_declared_size_resizes_masks_nearest_and_maps_bilinear():
     direct = Evaluator()
     direct.update(shrunk.numpy(), small_masks, image_scores=maps.reshape(4, -1).max(axis=1))
     assert at_size == direct.compute()["categories"]["default"]
+
+
+def test_scores_csv_beside_the_maps_gives_the_image_scores(synth_root, tmp_path):
+    """predict writes scores.csv; evaluate must use it (and only it) for I-AUROC when present."""
+    from threecad.maps import read_scores, write_scores
+
+    rng = np.random.default_rng(17)
+    predictions = tmp_path / "pred"
+    write_predictions(synth_root, predictions, rng)
+    category = list_categories(synth_root)[0]
+    samples = list_samples(synth_root, category, "test")
+    chosen = {(category, s.relpath): float(rng.normal()) for s in samples}
+    write_scores(predictions / "scores.csv", chosen)
+    assert read_scores(predictions / "scores.csv") == chosen
+    labels = [s.label for s in samples]
+    expected = roc_auc_score(labels, [chosen[(category, s.relpath)] for s in samples])
+    with_file = evaluate_predictions(synth_root, predictions, categories=[category])
+    assert with_file["categories"][category]["i_auroc"] == pytest.approx(expected, abs=1e-12)
+    maxima = [read_map(predictions / map_relpath(category, s.defect, s.stem)).max() for s in samples]
+    ignored = evaluate_predictions(synth_root, predictions, categories=[category], scores=None)
+    assert ignored["categories"][category]["i_auroc"] == pytest.approx(roc_auc_score(labels, maxima), abs=1e-12)
+    del chosen[(category, samples[0].relpath)]
+    write_scores(predictions / "scores.csv", chosen, merge=False)
+    with pytest.raises(ThreecadError, match="no score"):
+        evaluate_predictions(synth_root, predictions, categories=[category])

@@ -7,6 +7,7 @@ layout, ``evaluate`` and the leaderboard read it.
 
 from __future__ import annotations
 
+import csv
 import io
 from pathlib import Path
 
@@ -65,3 +66,50 @@ def read_map(path: str | Path) -> np.ndarray:
     if not np.isfinite(array).all():
         raise ThreecadError("map contains NaN or inf", path)
     return array
+
+
+#: Optional per-image scores beside the maps: ``category,path,score`` with ``path`` the image's
+#: path below its category (``test/<defect>/<file name>``), one row per test image.
+SCORES_FILE = "scores.csv"
+ScoreKey = tuple[str, str]
+
+
+def read_scores(path: str | Path) -> dict[ScoreKey, float]:
+    """Read a ``scores.csv``; any malformed row is an error naming the file and line."""
+    path = Path(path)
+    scores: dict[ScoreKey, float] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = {"category", "path", "score"} - set(reader.fieldnames or ())
+            if missing:
+                raise ThreecadError(f"missing column(s) {', '.join(sorted(missing))}; expected category,path,score", path)
+            for line, row in enumerate(reader, start=2):
+                key = (row["category"], row["path"])
+                try:
+                    value = float(row["score"])
+                except (TypeError, ValueError):
+                    raise ThreecadError(f"line {line}: score {row['score']!r} is not a number", path) from None
+                if not np.isfinite(value):
+                    raise ThreecadError(f"line {line}: score is {value}; scores must be finite", path)
+                if key in scores:
+                    raise ThreecadError(f"line {line}: second score for {key[0]}/{key[1]}", path)
+                scores[key] = value
+    except FileNotFoundError:
+        raise ThreecadError("scores file not found", path) from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ThreecadError(f"unreadable scores file ({exc})", path) from None
+    return scores
+
+
+def write_scores(path: str | Path, scores: dict[ScoreKey, float], merge: bool = True) -> None:
+    """Write ``scores.csv`` sorted and atomically; ``merge`` keeps rows of other images already there."""
+    path = Path(path)
+    merged = read_scores(path) if merge and path.is_file() else {}
+    merged.update(scores)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["category", "path", "score"])
+    for (category, rel), score in sorted(merged.items()):
+        writer.writerow([category, rel, repr(float(score))])
+    write_bytes(path, buffer.getvalue().encode())

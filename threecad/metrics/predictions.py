@@ -16,7 +16,7 @@ import numpy as np
 from threecad.errors import ThreecadError
 from threecad.io import image_size
 from threecad.layout import list_categories, list_samples
-from threecad.maps import MAP_SUFFIXES, find_map, read_map
+from threecad.maps import MAP_SUFFIXES, SCORES_FILE, find_map, read_map, read_scores
 from threecad.metrics.evaluator import METRICS, Evaluator
 from threecad.progress import progress
 
@@ -63,12 +63,18 @@ def evaluate_predictions(
     device: str = "cpu",
     size: int | tuple[int, int] | None = None,
     curves: bool = False,
+    scores: str | Path | dict | None = "auto",
 ) -> dict:
     """Score a submission folder; returns the :meth:`Evaluator.compute` dictionary.
 
     ``categories`` defaults to every category of the dataset, and then a predictions folder with a
     category the dataset lacks is an error too. ``size`` evaluates at a declared (width, height)
     instead of the native resolution (``mvtec`` protocol only).
+
+    ``scores`` gives the image scores: ``"auto"`` reads ``<predictions>/scores.csv`` when it exists
+    (else the image score is the max of the map), a path reads that file, a dict maps
+    ``(category, "test/<defect>/<file>")`` to a score, ``None`` ignores any scores file. The
+    ``3cad-paper`` protocol defines its own image score and ignores them.
     """
     root, predictions = Path(dataset_root), Path(predictions_dir)
     if not predictions.is_dir():
@@ -90,6 +96,12 @@ def evaluate_predictions(
             raise ThreecadError(
                 f"predictions for categories the dataset lacks: {', '.join(stray)}", predictions
             )
+    if isinstance(scores, str) and scores == "auto":
+        scores = predictions / SCORES_FILE if (predictions / SCORES_FILE).is_file() else None
+    if isinstance(scores, (str, Path)):
+        scores = read_scores(scores)
+    if protocol == "3cad-paper":
+        scores = None
     evaluator = Evaluator(protocol=protocol, device=device, size=_parse_size(size))
     for category in chosen:
         samples = list_samples(root, category, "test")
@@ -97,18 +109,29 @@ def evaluate_predictions(
             raise ThreecadError(f"category {category} has no test images", root / category)
         paths = [find_map(predictions, category, s.defect, s.stem) for s in samples]
         _check_layout(predictions, category, samples, paths)
+        if scores is not None:
+            absent = [s.relpath for s in samples if (category, s.relpath) not in scores]
+            if absent:
+                raise ThreecadError(
+                    f"{len(absent)} test image(s) of {category} have no score, e.g. {absent[0]}; "
+                    f"give every image a score or remove {SCORES_FILE}",
+                    predictions / SCORES_FILE,
+                )
         batches = range(0, len(samples), BATCH)
         for start in progress(batches, desc=f"evaluate {category}", total=len(batches)):
             chunk = list(zip(samples[start : start + BATCH], paths[start : start + BATCH]))
             maps, masks = [], []
             for sample, path in chunk:
                 maps.append(read_map(path))
-                masks.append(_ground_truth(sample))
-            evaluator.update(maps, masks, labels=[s.label for s, _ in chunk], categories=category)
+                masks.append(ground_truth_mask(sample))
+            image_scores = None if scores is None else [scores[(category, s.relpath)] for s, _ in chunk]
+            evaluator.update(maps, masks, image_scores=image_scores, labels=[s.label for s, _ in chunk],
+                             categories=category)
     return evaluator.compute(curves=curves)
 
 
-def _ground_truth(sample) -> np.ndarray:
+def ground_truth_mask(sample) -> np.ndarray:
+    """The boolean mask of a test image at its native size (all False for a good image)."""
     from threecad.data import read_mask  # imports torch: only when a folder is evaluated
 
     width, height = image_size(sample.image_path)

@@ -1,0 +1,70 @@
+"""Anomaly maps and image scores from CFRG outputs (``../shared/reference/cfrg.md`` section 6).
+
+Official combination (the default, ``terms=("recovery", "segmentation")``): the sum over the three
+levels of ``1 - cos(T, R)`` upsampled bilinearly (``align_corners=True``) to the input size, plus
+``sigmoid(logits)``; then a Gaussian with sigma 4 (scipy defaults: truncate 4, reflect border); the
+image score is the map's maximum. Options: add the teacher-student term (``"distillation"``), use
+one term alone, a different sigma (0 = none) or the mean of the top ``topk`` fraction as the score.
+The official code handles batch size 1 only; this works on any batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from cfrg.model import channel_cosine
+from threecad.errors import ThreecadError
+
+TERMS = ("recovery", "segmentation", "distillation")
+OFFICIAL_TERMS = ("recovery", "segmentation")
+
+
+def _level_sum(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    return sum(F.interpolate(1 - channel_cosine(x.float(), y.float()), size=size, mode="bilinear",
+                             align_corners=True) for x, y in zip(a, b))
+
+
+def raw_map(outputs: dict, size: tuple[int, int], terms: Sequence[str] = OFFICIAL_TERMS) -> torch.Tensor:
+    """(B, H, W) unsmoothed map from the model's outputs."""
+    unknown = [t for t in terms if t not in TERMS]
+    if unknown or not terms:
+        raise ThreecadError(f"unknown anomaly-map term(s) {unknown or terms}; choose from {', '.join(TERMS)}")
+    total = 0
+    if "recovery" in terms:
+        total = total + _level_sum(outputs["teacher"], outputs["recovery"], size)
+    if "distillation" in terms:
+        total = total + _level_sum(outputs["teacher"], outputs["student"], size)
+    if "segmentation" in terms:
+        seg = torch.sigmoid(outputs["logits"].float())
+        if seg.shape[-2:] != tuple(size):
+            seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=True)
+        total = total + seg
+    return total[:, 0]
+
+
+def smooth(maps: np.ndarray, sigma: float = 4.0) -> np.ndarray:
+    """Gaussian per map (scipy defaults, float64 maths as the reference), returned as float32."""
+    if sigma <= 0:
+        return maps.astype(np.float32)
+    return np.stack([gaussian_filter(m.astype(np.float64), sigma=sigma) for m in maps]).astype(np.float32)
+
+
+def image_scores(maps: np.ndarray, topk: float = 0.0) -> np.ndarray:
+    """Max of each map (``topk`` = 0), or the mean of its top ``topk`` fraction of pixels."""
+    flat = maps.reshape(maps.shape[0], -1)
+    if topk <= 0:
+        return flat.max(axis=1)
+    k = max(1, int(round(topk * flat.shape[1])))
+    return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
+
+
+def anomaly_maps(outputs: dict, size: tuple[int, int], terms: Sequence[str] = OFFICIAL_TERMS,
+                 sigma: float = 4.0, topk: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (B,), maps (B, H, W)) as float32 numpy arrays."""
+    maps = smooth(raw_map(outputs, size, terms).detach().cpu().numpy(), sigma)
+    return image_scores(maps, topk).astype(np.float32), maps

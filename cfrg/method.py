@@ -1,0 +1,172 @@
+"""CFRG as a registered :class:`baselines.base.Method` (``3cad train --method cfrg``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from baselines.base import Method, register
+from cfrg.infer import OFFICIAL_TERMS, anomaly_maps
+from cfrg.model import PAPER_TEACHER, CFRGNet, build_teacher
+from cfrg.train import TrainConfig, train
+from threecad.anomalies import SyntheticAnomalyDataset, TextureBank
+from threecad.device import resolve_device
+from threecad.errors import ThreecadError
+
+log = logging.getLogger(__name__)
+
+
+@register
+class CFRG(Method):
+    """Heterogeneous distillation + recovery guidance + segmentation (3CAD, AAAI 2025).
+
+    Paper configuration: ``teacher="wide_resnet50_2"`` with its ImageNet weight file present (see
+    ``docs/backbones.md``); without it the teacher falls back, with a warning, to the pretrained
+    EfficientNet-Lite0 shipped offline, and the saved configuration records the teacher actually used.
+    ``teacher_weights="random"`` builds a random teacher (tests, shape checks only).
+
+    ``map_terms``: ``"recovery+segmentation"`` (official), or any ``+``-joined subset of
+    ``recovery``, ``segmentation``, ``distillation``. ``sigma``: Gaussian smoothing (official 4).
+    ``topk``: 0 = image score is the map max (official), else the mean of that top fraction.
+    ``train_images``: 0 = all, else a seeded subset of that many training images (reduced budgets).
+    ``textures``: a DTD-like folder; ``None`` = procedural textures + other training images.
+    ``size``: the side the network sees; ``None`` = the size of the training images (the runner's
+    ``--size``). Other inputs are resized to it and maps resized back.
+    """
+
+    name = "cfrg"
+
+    def __init__(
+        self,
+        epochs: int = 50,
+        batch_size: int = 32,
+        size: int | None = None,
+        device: str = "auto",
+        seed: int = 42,
+        teacher: str = PAPER_TEACHER,
+        teacher_weights: str = "default",
+        lr: float = 5e-4,
+        weight_decay: float = 0.0,
+        dis_weight: float = 1.0,
+        rec_weight: float = 1.0,
+        seg_weight: float = 1.0,
+        resume: bool = False,
+        clean_probability: float = 0.0,
+        textures: str | None = None,
+        amp: bool = True,
+        workers: int = 0,
+        map_terms: str = "+".join(OFFICIAL_TERMS),
+        sigma: float = 4.0,
+        topk: float = 0.0,
+        train_images: int = 0,
+    ):
+        self.epochs = int(epochs)
+        self.batch_size = int(batch_size)
+        self.size = None if size in (None, 0) else int(size)
+        self.device = str(device)
+        self.seed = int(seed)
+        self.teacher = str(teacher)
+        self.teacher_weights = str(teacher_weights) if teacher_weights is not None else "random"
+        self.lr = float(lr)
+        self.weight_decay = float(weight_decay)
+        self.dis_weight = float(dis_weight)
+        self.rec_weight = float(rec_weight)
+        self.seg_weight = float(seg_weight)
+        self.resume = bool(resume)
+        self.clean_probability = float(clean_probability)
+        self.textures = None if textures in (None, "") else str(textures)
+        self.amp = bool(amp)
+        self.workers = int(workers)
+        self.map_terms = str(map_terms)
+        self.sigma = float(sigma)
+        self.topk = float(topk)
+        self.train_images = int(train_images)
+        if self.epochs < 1 or self.batch_size < 1 or (self.size is not None and self.size % 32):
+            raise ThreecadError("cfrg needs epochs >= 1, batch_size >= 1 and size a multiple of 32 "
+                                f"(got {self.epochs}, {self.batch_size}, {self.size})")
+        self._terms = tuple(t.strip() for t in self.map_terms.split("+") if t.strip())
+        self.net: CFRGNet | None = None
+        self.history_: list[dict] = []
+
+    # ------------------------------------------------------------------ model
+    def _build(self) -> CFRGNet:
+        if self.net is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                teacher = build_teacher(self.teacher, self.teacher_weights)
+                if teacher.name != self.teacher:
+                    self.teacher = teacher.name  # the saved config names the teacher actually used
+                self.net = CFRGNet(teacher)
+            self.net.to(resolve_device(self.device))
+        return self.net
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                           weight_decay=self.weight_decay,
+                           loss_weights=(self.dis_weight, self.rec_weight, self.seg_weight), amp=self.amp,
+                           seed=self.seed, workers=self.workers)
+
+    def _subset(self, data: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
+        if self.train_images <= 0 or self.train_images >= len(data):
+            return data
+        rng = np.random.default_rng(self.seed)
+        keep = sorted(rng.choice(len(data), size=self.train_images, replace=False).tolist())
+        return torch.utils.data.Subset(data, keep)
+
+    # ------------------------------------------------------------------ Method API
+    def fit(self, train_data: torch.utils.data.Dataset, validation_data: torch.utils.data.Dataset | None = None):
+        net = self._build()
+        device = resolve_device(self.device)
+        if self.size is None:  # the size the runner loaded the images at (``3cad train --size``)
+            height, width = train_data[0]["image"].shape[-2:]
+            if height != width or height % 32:
+                raise ThreecadError(f"cfrg trains on square images with a side divisible by 32, got {width}x{height}; "
+                                    "use --resize squash and --size 256 (or 128, 320 ...)")
+            self.size = int(height)
+        base = self._subset(train_data)
+        bank = TextureBank(self.textures, images=base)
+        data = SyntheticAnomalyDataset(base, bank, self.clean_probability, seed=self.seed)
+        validation = None
+        if validation_data is not None and len(validation_data):
+            validation = SyntheticAnomalyDataset(validation_data, bank, self.clean_probability, seed=self.seed + 1)
+        log.info("cfrg: teacher %s, %d training images, textures: %s", self.teacher, len(base), bank.source)
+        self.history_ = train(net, data, self.train_config(), device, self.work_dir, self.resume, validation)
+        return self
+
+    @torch.no_grad()
+    def predict_outputs(self, images: torch.Tensor) -> dict:
+        net = self._build()
+        net.eval()
+        device = next(net.student.parameters()).device
+        return net(images.to(device).float())
+
+    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        if self.net is None:
+            raise ThreecadError("cfrg model is not fitted: call fit() or load a saved run")
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ThreecadError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        height, width = images.shape[-2:]
+        if self.size is None:
+            self.size = int(height)
+        inputs = images
+        if (height, width) != (self.size, self.size):
+            inputs = F.interpolate(images.float(), size=(self.size, self.size), mode="bilinear", align_corners=False)
+        outputs = self.predict_outputs(inputs)
+        scores, maps = anomaly_maps(outputs, (self.size, self.size), self._terms, self.sigma, self.topk)
+        if (height, width) != (self.size, self.size):
+            maps = F.interpolate(torch.from_numpy(maps)[:, None], size=(height, width), mode="bilinear",
+                                 align_corners=False)[:, 0].numpy()
+        return scores.astype(np.float32), maps.astype(np.float32)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.net is None:
+            raise ThreecadError("cfrg model is not fitted: nothing to save")
+        return {k: v.detach().cpu() for k, v in self.net.trainable_state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._build().load_trainable_state_dict(state)
+        self.net.eval()

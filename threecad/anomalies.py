@@ -1,0 +1,375 @@
+"""Synthetic anomalies for self-supervised training: Perlin-noise masks filled with a foreign texture.
+
+This is the recipe of DRAEM, DeSTSeg and CFRG, implemented from its definition:
+
+1. two lattice exponents ``t_y, t_x`` drawn independently from {0..5}, so the noise has
+   ``2**t_y x 2**t_x`` cells (blobs from image-sized to 8 px at 256 px);
+2. classic gradient Perlin noise (fade ``6t^5 - 15t^4 + 10t^3``, scaled by sqrt 2);
+3. the noise map rotated by an angle in [-90, 90] degrees (bilinear), corners filled with 0 so
+   rotated-in areas are never anomalous;
+4. mask = noise > 0.5;
+5. inside the mask, ``x_aug = beta * x + (1 - beta) * texture`` with ``beta ~ U[0, 0.8)``.
+
+Differences from the official CFRG code, on purpose: every sample draws a random texture at every
+call (the official code binds texture ``i`` to image ``i`` for the whole run and only ever uses the
+first N textures), and every random draw comes from a generator seeded by ``(seed, epoch, index)``,
+so results are deterministic for a seed whatever the number of DataLoader workers, and workers never
+repeat each other's rotation angles (the official code shares one augmenter RNG across workers).
+
+Textures: a folder of images (the Describable Textures Dataset, ``dtd/images``, when the user has
+it), else an offline mix of procedurally generated textures (fractal noise, stripes, checkers,
+cells, machined metal) and other training images of the same category, flipped and rotated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from threecad.errors import ThreecadError
+from threecad.io import read_image
+from threecad.layout import is_image
+
+log = logging.getLogger(__name__)
+
+#: Lattice exponents per axis: 2**0 .. 2**5 cells.
+MIN_SCALE, MAX_SCALE = 0, 5
+THRESHOLD = 0.5
+MAX_BETA = 0.8
+MAX_ANGLE = 90.0
+PROCEDURAL_KINDS = ("fractal", "stripes", "checker", "cells", "metal")
+
+
+def _fade(t: np.ndarray) -> np.ndarray:
+    return t * t * t * (t * (t * 6.0 - 15.0) + 10.0)
+
+
+def perlin_noise(
+    shape: tuple[int, int], cells: tuple[int, int], rng: np.random.Generator, angle: float = 0.0
+) -> np.ndarray:
+    """Gradient noise of ``shape`` (H, W) on a ``cells`` (rows, cols) lattice, float32 in about [-1, 1].
+
+    ``angle`` (degrees) rotates the field about the image centre; pixels whose source lies outside
+    the frame are 0 (the zero fill of rotating a noise image). Rotating the sampling coordinates
+    instead of the sampled image gives the same field without a second resampling pass (and without
+    its blur), and keeps the whole thing one vectorised evaluation: a gather of the four corner
+    gradients, a fade and two lerps per pixel.
+    """
+    height, width = shape
+    rows, cols = cells
+    angles = rng.uniform(0.0, 2.0 * math.pi, size=(rows + 1, cols + 1))
+    gy, gx = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    y = np.arange(height, dtype=np.float32)[:, None]
+    x = np.arange(width, dtype=np.float32)[None, :]
+    inside = None
+    if angle:
+        cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+        c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+        # Source of each output pixel: the inverse rotation (image y axis points down).
+        y, x = cy + (y - cy) * c + (x - cx) * s, cx - (y - cy) * s + (x - cx) * c
+        inside = (y >= 0) & (y <= height - 1) & (x >= 0) & (x <= width - 1)
+        y, x = np.clip(y, 0, height - 1), np.clip(x, 0, width - 1)
+    y, x = np.broadcast_arrays(y * np.float32(rows / height), x * np.float32(cols / width))
+    iy = np.minimum(y.astype(np.int64), rows - 1)
+    ix = np.minimum(x.astype(np.int64), cols - 1)
+    fy, fx = y - iy, x - ix
+    flat = iy * (cols + 1) + ix
+    gy, gx = gy.ravel(), gx.ravel()
+
+    def corner(dy: int, dx: int) -> np.ndarray:
+        k = flat + (dy * (cols + 1) + dx)
+        return gy[k] * (fy - dy) + gx[k] * (fx - dx)
+
+    uy, ux = _fade(fy), _fade(fx)
+    c00, c10 = corner(0, 0), corner(1, 0)
+    top = c00 + ux * (corner(0, 1) - c00)
+    bottom = c10 + ux * (corner(1, 1) - c10)
+    noise = np.float32(math.sqrt(2.0)) * (top + uy * (bottom - top))
+    if inside is not None:
+        noise = np.where(inside, noise, np.float32(0.0))
+    return noise.astype(np.float32, copy=False)
+
+
+def rotate_zero_fill(array: np.ndarray, angle: float) -> np.ndarray:
+    """Rotate a 2-D map about its centre (bilinear, same size); pixels from outside become 0.
+
+    Used to check :func:`perlin_noise`'s built-in rotation against an image rotation.
+    """
+    if angle == 0.0:
+        return array
+    return ndimage.rotate(array, angle, reshape=False, order=1, mode="constant", cval=0.0, prefilter=False)
+
+
+@dataclass(frozen=True)
+class MaskDraw:
+    """The random choices behind one mask (kept so tests and logs can inspect them)."""
+
+    cells: tuple[int, int]
+    angle: float
+
+
+def perlin_mask(
+    shape: tuple[int, int], rng: np.random.Generator, threshold: float = THRESHOLD
+) -> tuple[np.ndarray, MaskDraw]:
+    """A binary anomaly mask (H, W) float32 {0, 1} and the draws that made it."""
+    ty, tx = rng.integers(MIN_SCALE, MAX_SCALE + 1, size=2)
+    cells = (2 ** int(ty), 2 ** int(tx))
+    angle = float(rng.uniform(-MAX_ANGLE, MAX_ANGLE))
+    noise = perlin_noise(shape, cells, rng, angle)
+    return (noise > threshold).astype(np.float32), MaskDraw(cells, angle)
+
+
+def blend(image: np.ndarray, texture: np.ndarray, mask: np.ndarray, beta: float) -> np.ndarray:
+    """``image`` outside the mask, ``beta * image + (1 - beta) * texture`` inside; all HxWx3 in [0, 1]."""
+    m = mask[..., None]
+    return (image * (1.0 - m) + ((1.0 - beta) * texture + beta * image) * m).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------- textures
+def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8/float HxWx3 -> float32 HxWx3 in [0, 1] of (H, W) = size, bilinear."""
+    height, width = size
+    if array.dtype != np.uint8:
+        array = np.clip(array * 255.0, 0, 255).astype(np.uint8)
+    if array.shape[:2] != (height, width):
+        array = np.asarray(Image.fromarray(array).resize((width, height), Image.BILINEAR))
+    return array.astype(np.float32) / 255.0
+
+
+def _normalise(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    return (a - lo) / (hi - lo + 1e-8)
+
+
+def procedural_pattern(rng: np.random.Generator, size: tuple[int, int], kind: str | None = None) -> np.ndarray:
+    """A grayscale texture pattern, float32 HxW in [0, 1] (see :func:`procedural_texture`)."""
+    height, width = size
+    kind = kind or PROCEDURAL_KINDS[int(rng.integers(len(PROCEDURAL_KINDS)))]
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    if kind == "fractal":
+        base = sum(
+            perlin_noise(size, (2**o, 2**o), rng) / (1.6**o) for o in range(int(rng.integers(1, 3)), 6)
+        )
+        gray = _normalise(base)
+    elif kind == "stripes":
+        theta = rng.uniform(0, math.pi)
+        period = rng.uniform(4, 40)
+        phase = (xx * math.cos(theta) + yy * math.sin(theta)) * 2 * math.pi / period
+        gray = 0.5 + 0.5 * np.sin(phase + 2.0 * perlin_noise(size, (4, 4), rng))
+    elif kind == "checker":
+        cell = rng.uniform(6, 48)
+        theta = rng.uniform(0, math.pi / 2)
+        u = xx * math.cos(theta) + yy * math.sin(theta)
+        v = -xx * math.sin(theta) + yy * math.cos(theta)
+        gray = ((np.floor(u / cell) + np.floor(v / cell)) % 2).astype(np.float32)
+        gray = 0.7 * gray + 0.3 * _normalise(perlin_noise(size, (8, 8), rng))
+    elif kind == "cells":
+        n = int(rng.integers(8, 80))
+        points = rng.uniform(0, 1, size=(n, 2)) * np.array([height, width])
+        distance, nearest = cKDTree(points).query(np.stack([yy.ravel(), xx.ravel()], -1))
+        shades = rng.uniform(0, 1, n).astype(np.float32)
+        gray = shades[nearest.reshape(size)] * 0.8 + 0.2 * _normalise(distance.reshape(size).astype(np.float32))
+    elif kind == "metal":
+        from threecad.synth.surface import render_surface
+
+        surface = render_surface(rng, height, width, kind=str(rng.choice(["brushed", "milled"])), channels=1)
+        gray = _normalise(surface)
+    else:
+        raise ValueError(f"unknown procedural texture {kind!r}; expected one of {PROCEDURAL_KINDS}")
+    return np.clip(gray, 0.0, 1.0).astype(np.float32)
+
+
+def colour_ramp(gray: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Map a [0, 1] pattern onto a ramp between two random colours, so textures differ in hue too."""
+    low, high = rng.uniform(0, 1, 3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
+    return np.clip(low + (high - low) * gray[..., None], 0.0, 1.0).astype(np.float32)
+
+
+def procedural_texture(rng: np.random.Generator, size: tuple[int, int], kind: str | None = None) -> np.ndarray:
+    """An offline stand-in for a DTD texture: float32 HxWx3 in [0, 1].
+
+    Five families cover what DTD gives the model (foreign colour, frequency and structure):
+    multi-octave noise, oriented stripes, checkers, Voronoi-like cells and machined metal, each
+    through a random two-colour ramp.
+    """
+    return colour_ramp(procedural_pattern(rng, size, kind), rng)
+
+
+def list_texture_files(folder: str | Path) -> list[Path]:
+    """Every image under ``folder`` (recursively, sorted): DTD's ``images/<class>/*.jpg`` works as is."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ThreecadError("texture folder not found (pass the DTD 'images' folder or omit --textures)", folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image(p))
+    if not files:
+        raise ThreecadError("texture folder holds no images", folder)
+    return files
+
+
+class TextureBank:
+    """Where anomaly textures come from; :meth:`draw` returns one at random for a sample.
+
+    ``folder``: a texture folder (DTD). Without it, textures are procedural with probability
+    ``procedural_probability`` and otherwise another image of ``images`` (the training set), flipped
+    and rotated by a multiple of 90 degrees, which pastes real but misplaced structure.
+
+    Procedural patterns are slow to make (tens of ms at 256 px), so ``pool_size`` of them are made
+    once per size from ``pool_seed`` (identical in every worker) and each draw takes a random one
+    with a random flip/rotation and a fresh random colour ramp. ``pool_size=0``: a new pattern per draw.
+    """
+
+    def __init__(
+        self,
+        folder: str | Path | None = None,
+        images: torch.utils.data.Dataset | None = None,
+        procedural_probability: float = 0.5,
+        pool_size: int = 64,
+        pool_seed: int = 0,
+    ):
+        self.files = list_texture_files(folder) if folder is not None else []
+        self.images = images
+        self.procedural_probability = float(procedural_probability)
+        self.pool_size = int(pool_size)
+        self.pool_seed = int(pool_seed)
+        self._pools: dict[tuple[int, int], np.ndarray] = {}
+
+    def prepare(self, size: tuple[int, int]) -> None:
+        """Make the pattern pool for ``size`` now (before DataLoader workers copy the bank)."""
+        size = (int(size[0]), int(size[1]))
+        if self.files or self.pool_size <= 0 or size in self._pools:
+            return
+        rng = np.random.default_rng([self.pool_seed, *size])
+        patterns = [procedural_pattern(rng, size) for _ in range(self.pool_size)]
+        self._pools[size] = np.stack([np.round(p * 255).astype(np.uint8) for p in patterns])
+
+    def _procedural(self, rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+        if self.pool_size <= 0:
+            return procedural_texture(rng, size)
+        self.prepare(size)
+        pool = self._pools[(int(size[0]), int(size[1]))]
+        gray = pool[int(rng.integers(len(pool)))].astype(np.float32) / 255.0
+        if rng.random() < 0.5:
+            gray = gray[::-1]
+        if rng.random() < 0.5:
+            gray = gray[:, ::-1]
+        if size[0] == size[1] and rng.random() < 0.5:
+            gray = gray.T
+        return colour_ramp(np.ascontiguousarray(gray), rng)
+
+    @property
+    def source(self) -> str:
+        return "folder" if self.files else "procedural+train" if self.images is not None else "procedural"
+
+    def draw(self, rng: np.random.Generator, size: tuple[int, int], exclude: int | None = None) -> np.ndarray:
+        if self.files:
+            path = self.files[int(rng.integers(len(self.files)))]
+            return _resize(read_image(path, "RGB"), size)
+        use_image = self.images is not None and len(self.images) > 1 and rng.random() >= self.procedural_probability
+        if not use_image:
+            return self._procedural(rng, size)
+        index = int(rng.integers(len(self.images) - 1))
+        if exclude is not None and index >= exclude:
+            index += 1
+        image = self.images[index]["image"].numpy().transpose(1, 2, 0)
+        image = np.rot90(image, int(rng.integers(4)))
+        if rng.random() < 0.5:
+            image = image[:, ::-1]
+        return _resize(np.ascontiguousarray(image), size)
+
+
+# ---------------------------------------------------------------------------------------- dataset
+class SyntheticAnomalyDataset(torch.utils.data.Dataset):
+    """Wraps a dataset of normal images (items with an ``image`` 3xHxW in [0, 1]) with synthesis.
+
+    Items: ``image`` (clean), ``augmented`` (with a synthetic anomaly), ``mask`` (1xHxW {0, 1}),
+    ``beta``, ``angle``, ``cells`` (the draws, for inspection). Grayscale images (three equal
+    channels) get grayscale textures unless ``match_gray=False``. With probability
+    ``clean_probability`` a sample stays clean (empty mask, augmented == image); the official CFRG
+    value is 0 (every sample gets an anomaly; about 5 % of masks come out empty anyway).
+
+    Randomness: draws for item ``index`` come from ``default_rng([seed, epoch, index])``; call
+    :meth:`set_epoch` before each epoch (DataLoader workers receive a fresh copy every epoch unless
+    ``persistent_workers`` is set, which this class refuses to rely on).
+    """
+
+    def __init__(
+        self,
+        base: torch.utils.data.Dataset,
+        textures: TextureBank | str | Path | None = None,
+        clean_probability: float = 0.0,
+        seed: int = 42,
+        max_beta: float = MAX_BETA,
+        match_gray: bool = True,
+    ):
+        if not 0.0 <= clean_probability <= 1.0:
+            raise ThreecadError(f"clean_probability must be in [0, 1], got {clean_probability}")
+        self.base = base
+        if not isinstance(textures, TextureBank):
+            textures = TextureBank(textures, images=base)
+        self.textures = textures
+        if len(base):
+            self.textures.prepare(tuple(base[0]["image"].shape[-2:]))
+        self.clean_probability = float(clean_probability)
+        self.seed = int(seed)
+        self.max_beta = float(max_beta)
+        self.match_gray = bool(match_gray)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, int(index)])
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.base[index]
+        clean = item["image"]
+        image = clean.numpy().transpose(1, 2, 0)
+        shape = image.shape[:2]
+        rng = self.rng(index)
+        out = {"image": clean, "path": item.get("path", ""), "category": item.get("category", "")}
+        if rng.random() < self.clean_probability:
+            out.update(augmented=clean.clone(), mask=torch.zeros(1, *shape), beta=1.0, angle=0.0, cells=(0, 0))
+            return out
+        mask, draw = perlin_mask(shape, rng)
+        beta = float(rng.uniform(0.0, self.max_beta))
+        texture = self.textures.draw(rng, shape, exclude=index)
+        if self.match_gray and np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2]):
+            # Grayscale parts (magnetic tiles, many line-scan cameras): a coloured texture would make
+            # "colour" the cue the model learns; use the texture's luminance instead.
+            texture = np.repeat(texture @ np.float32([[0.299], [0.587], [0.114]]), 3, axis=2)
+        augmented = blend(image, texture, mask, beta)
+        out.update(
+            augmented=torch.from_numpy(np.ascontiguousarray(augmented.transpose(2, 0, 1))),
+            mask=torch.from_numpy(mask[None]),
+            beta=beta,
+            angle=draw.angle,
+            cells=draw.cells,
+        )
+        return out
+
+
+def synthesize(
+    images: Sequence[np.ndarray], rng: np.random.Generator, textures: TextureBank | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Synthesise anomalies for HxWx3 float images in [0, 1]: (augmented N x H x W x 3, masks N x H x W)."""
+    textures = textures or TextureBank()
+    augmented, masks = [], []
+    for image in images:
+        mask, _ = perlin_mask(image.shape[:2], rng)
+        beta = float(rng.uniform(0.0, MAX_BETA))
+        augmented.append(blend(image, textures.draw(rng, image.shape[:2]), mask, beta))
+        masks.append(mask)
+    return np.stack(augmented), np.stack(masks)

@@ -90,16 +90,476 @@ def synth_dataset(out, seed, categories, n_train, test_good, test_defect, size, 
     click.echo(f"wrote {path}")
 
 
+@synth.command("raw")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Random seed (same seed, same bytes).")
+@click.option("--categories", default=2, show_default=True, help="Number of categories (1-8).")
+@click.option("--images", default=6, show_default=True, help="Frames per category (even ones defective).")
+@click.option("--size", default="640x480", show_default=True, help="Largest size WxH of the ordinary frames.")
+@click.option("--large", default=1, show_default=True, help="Wide line-scan-like frames per category (2448x2048, 4096x1024).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
+def synth_raw(out, seed, categories, images, size, large, overwrite) -> None:
+    """Write a raw dataset (frames + LabelMe JSON + deliberate breakage + ground_truth.json) to OUT."""
+    from threecad.synth.raw import make_raw_dataset
+
+    path = make_raw_dataset(out, seed, categories, images, _parse_size(size), large, overwrite)
+    click.echo(f"wrote {path}")
+
+
 # --------------------------------------------------------------------------- data
 @cli.group()
 def data() -> None:
     """Prepare, check, split, import and export datasets."""
 
 
+# ---- data: preprocess / split (helper B)
+@data.command("preprocess")
+@click.argument("raw", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--tile", default=1024, show_default=True, help="Window size in pixels.")
+@click.option("--overlap", default=0.2, show_default=True, help="Overlap between windows (fraction of the tile).")
+@click.option("--min-fraction", default=0.2, show_default=True,
+              help="Discard windows whose area is under this fraction of a full tile.")
+@click.option("--category", help="One category for every frame (default: one per sub-folder of RAW).")
+@click.option("--label-map", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML/JSON label map (default: RAW/label_map.yaml if present, else every label is a type).")
+@click.option("--coco", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Read annotations from this COCO JSON instead of LabelMe files.")
+@click.option("--line-width", default=3.0, show_default=True, help="Stroke width (px) of linestrip/line shapes.")
+@click.option("--train-fraction", default=0.7, show_default=True, help="Share of clean frames whose tiles go to train.")
+@click.option("--val-fraction", default=0.0, show_default=True, help="Share of those moved to validation/good.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the train/test split.")
+@click.option("--mask-suffix", type=click.Choice(["", "_mask"]), default="", show_default=True,
+              help="'' for 3CAD mask names, '_mask' for MVTec.")
+@click.option("--workers", default=1, show_default=True, help="Worker processes.")
+@click.option("--strict", is_flag=True, help="Fail on any annotation or image problem.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT not written by this command.")
+def data_preprocess(raw, out, **options) -> None:
+    """Validate, repair, rasterise and tile RAW into a 3CAD-layout dataset in OUT (resumable)."""
+    from threecad.preprocess import format_summary, preprocess
+
+    summary = preprocess(raw, out, **options)
+    click.echo(format_summary(summary))
+    click.echo(f"done in {summary['seconds']:.1f} s: {out}")
+
+
+@data.command("split")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--seed", default=0, show_default=True, help="Random seed.")
+@click.option("--train-fraction", default=0.7, show_default=True, help="Share of clean source images for train.")
+@click.option("--val-fraction", default=0.0, show_default=True, help="Share of the training ones moved to validation.")
+@click.option("--val-defect-fraction", default=0.0, show_default=True,
+              help="Share of defective source images moved from test to validation.")
+@click.option("--materialize", type=click.Choice(["none", "hardlink", "copy"]), default="none", show_default=True,
+              help="Also build the 3CAD tree in OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
+def data_split(source, out, **options) -> None:
+    """Re-split a pool (preprocess manifest or dataset folder) by source image; write OUT/manifest.*"""
+    from threecad.split import split_dataset
+
+    summary = split_dataset(source, out, **options)
+    for key, n in sorted(summary["counts"].items()):
+        click.echo(f"{key:<60}{n:>8}")
+    click.echo(f"{summary['images']} images from {summary['groups']} source groups: {out}")
+
+
+# ---- data: verify / download / import-folder / export-hf / stats (helper D)
+@data.command("verify")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the JSON report here.")
+@click.option("--fingerprint", is_flag=True, help="Also print one hash of the dataset's content.")
+@click.option("--expect", type=click.Choice(["auto", "full", "subset"]), default="auto", show_default=True,
+              help="full: counts and sizes must match Table 1; subset: report them only; auto: full when all 8 "
+              "3CAD categories are present.")
+@click.option("--workers", default=4, show_default=True, help="Threads reading images.")
+@click.option("--quick", is_flag=True, help="Read image headers only (faster; misses truncated images).")
+@click.pass_context
+def data_verify(ctx, root, json_out, fingerprint, expect, workers, quick) -> None:
+    """Check a dataset: structure, masks, readability, Table-1 counts, sizes, train/test leakage."""
+    from threecad.verify import verify_dataset
+
+    report = verify_dataset(root, expect=expect, fingerprint=fingerprint, workers=workers, report_path=json_out,
+                            decode=not quick)
+    click.echo(report.summary())
+    if not report.ok:
+        ctx.exit(1)
+
+
+@data.command("download")
+@click.argument("source")
+@click.option("--dest", default="data", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the archive and the extracted dataset.")
+@click.option("--sha256", help="Expected sha256 of the archive (overrides the catalogue's).")
+@click.option("--expect", type=click.Choice(["auto", "full", "subset"]), default=None,
+              help="Passed to verify (default: full for catalogue names, auto otherwise).")
+@click.option("--no-verify", is_flag=True, help="Skip verify after extracting.")
+@click.option("--retries", default=5, show_default=True, help="Resume attempts after a dropped connection.")
+@click.option("--overwrite", is_flag=True, help="Extract again over an existing extracted folder.")
+@click.pass_context
+def data_download(ctx, source, dest, sha256, expect, no_verify, retries, overwrite) -> None:
+    """Download SOURCE (catalogue name 3cad / 3cad-pinyin, http(s) URL or local archive), extract, verify."""
+    from threecad.download import download_dataset
+
+    result = download_dataset(source, dest, sha256=sha256, verify=not no_verify, expect=expect, retries=retries,
+                              overwrite=overwrite)
+    click.echo(f"archive {result.archive} sha256 {result.sha256}")
+    click.echo(f"dataset {result.dataset_root}")
+    if result.report is not None:
+        click.echo(result.report.summary())
+        if not result.report.ok:
+            ctx.exit(1)
+
+
+@data.command("import-folder")
+@click.argument("src", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--preset", type=click.Choice(["magnetic-tile"]), help="Settings for a known public folder.")
+@click.option("--category", help="Category folder name (default: the preset's, else SRC's name).")
+@click.option("--normal", multiple=True, help="Class folder(s) holding normal images (repeatable).")
+@click.option("--strip-prefix", help="Prefix removed from class folder names to name defect types.")
+@click.option("--mask-suffix", help="Suffix of mask files (default .png).")
+@click.option("--mask-threshold", type=int, help="Binarise masks at > this value (default: automatic).")
+@click.option("--train-fraction", default=0.7, show_default=True, help="Share of normal images that train.")
+@click.option("--val-fraction", "--validation-fraction", "validation_fraction", default=0.0, show_default=True,
+              help="Share of the training normals moved to validation/good.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--empty-masks", type=click.Choice(["skip", "error"]), default="skip", show_default=True,
+              help="What to do with defective images whose mask is empty.")
+@click.option("--link", is_flag=True, help="Hard-link images instead of copying them.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
+def data_import_folder(src, out, preset, category, normal, strip_prefix, mask_suffix, mask_threshold, train_fraction,
+                       validation_fraction, seed, empty_masks, link, overwrite) -> None:
+    """Import class folders of images with same-stem masks from SRC into the 3CAD layout in OUT."""
+    from threecad.import_folder import import_folder
+
+    report = import_folder(src, out, preset=preset, category=category, normal=normal or None,
+                           strip_prefix=strip_prefix, mask_suffix=mask_suffix, mask_threshold=mask_threshold,
+                           train_fraction=train_fraction, validation_fraction=validation_fraction, seed=seed,
+                           empty_masks=empty_masks, link=link, overwrite=overwrite)
+    click.echo(report.summary())
+
+
+@data.command("export-hf")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--category", "categories", multiple=True, help="Only these categories (repeatable).")
+@click.option("--max-shard-mb", default=500.0, show_default=True, help="Target size of one parquet shard.")
+@click.option("--metadata", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Table with per-image defect_types / source_path / box (default: the root's manifest).")
+@click.option("--no-disk", is_flag=True, help="Write only the parquet shards, not save_to_disk's copy.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
+def data_export_hf(root, out, categories, max_shard_mb, metadata, no_disk, overwrite) -> None:
+    """Export ROOT as a Hugging Face DatasetDict to OUT (parquet shards + card + save_to_disk), offline."""
+    from threecad.hf_export import export_hf
+
+    result = export_hf(root, out, categories=list(categories) or None, max_shard_mb=max_shard_mb,
+                       metadata=metadata, disk=not no_disk, overwrite=overwrite)
+    click.echo(result.summary())
+
+
+@data.command("stats")
+@click.argument("root", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", default="3cad-stats", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the two histogram PNGs.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write all values as JSON.")
+@click.option("--category", "categories", multiple=True, help="Only these categories (repeatable).")
+@click.option("--metadata", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Table with per-image defect_types (for the TE column).")
+def data_stats(root, out, json_out, categories, metadata) -> None:
+    """Print Table-1 statistics of ROOT and write the defect-area and box-aspect histograms."""
+    from threecad.stats import dataset_stats, write_stats
+
+    report = dataset_stats(root, categories=list(categories) or None, metadata=metadata)
+    click.echo(report.table())
+    for path in write_stats(report, out, json_out):
+        click.echo(f"wrote {path}")
+
+
 # --------------------------------------------------------------------------- train / predict / evaluate
+def _parse_set(pairs: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` pairs; values are read as JSON when they parse (numbers, true, null, lists), else text."""
+    import json
+
+    config = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--set")
+        try:
+            config[key.strip()] = json.loads(value)
+        except ValueError:
+            config[key.strip()] = value
+    return config
+
+
+@cli.command("methods")
+def methods_command() -> None:
+    """List the methods that train/predict can build."""
+    from baselines.base import available, get_method
+
+    for name in available():
+        try:
+            doc = (get_method(name).__doc__ or "").strip().splitlines()[0]
+        except Exception as exc:  # noqa: BLE001 - a broken third-party method must not hide the others
+            doc = f"(cannot be loaded: {exc})"
+        click.echo(f"{name:12s} {doc}")
+
+
+@cli.command("train")
+@click.option("--method", required=True, help="Method name (see `3cad methods`).")
+@click.option("--dataset", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--category", "categories", multiple=True, required=True,
+              help="Category to train (repeatable), or `all`.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [runs/<method>].")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--size", default=256, show_default=True, help="Image side fed to the model.")
+@click.option("--resize", type=click.Choice(["squash", "aspect"]), default="squash", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--backbone", default=None, help="Backbone name (method option).")
+@click.option("--epochs", type=int, default=None, help="Training epochs (method option).")
+@click.option("--batch-size", type=int, default=None, help="Batch size (method option).")
+@click.option("--teacher", default=None, help="Teacher network (method option).")
+@click.option("--resume", is_flag=True, default=None, help="Resume from the run folder's checkpoint (method option).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other method option (repeatable).")
+def train_command(method, dataset, categories, out, device, size, resize, seed, backbone, epochs, batch_size,
+                  teacher, resume, settings) -> None:
+    """Fit a method on the train/good images of each category; one run folder per category."""
+    from baselines.runner import train
+
+    config = _parse_set(settings)
+    named = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "teacher": teacher, "resume": resume}
+    config.update({k: v for k, v in named.items() if v is not None})
+    runs = train(method, dataset, list(categories), out=out, device=device, size=size, resize=resize, seed=seed,
+                 config=config)
+    for run in runs:
+        click.echo(f"wrote {run}")
+
+
+@cli.command("predict")
+@click.option("--run", required=True, type=click.Path(path_type=Path, exists=True),
+              help="A run folder or a folder of run folders.")
+@click.option("--dataset", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Predictions folder.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
+@click.option("--device", default=None, help="Override the run's device (auto, cpu, cuda).")
+@click.option("--batch-size", default=16, show_default=True)
+def predict_command(run, dataset, out, dtype, device, batch_size) -> None:
+    """Write anomaly maps (native size, submission layout) and scores.csv for the test split."""
+    from baselines.runner import predict
+
+    click.echo(f"wrote {predict(run, dataset, out, dtype=dtype, batch_size=batch_size, device=device)}")
+
+
+@cli.command("demo")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
+@click.option("--device", default="auto", show_default=True)
+def demo_command(out, overwrite, device) -> None:
+    """Whole pipeline on synthetic data: raw images -> dataset -> PatchCore -> maps -> metrics."""
+    from baselines.demo import run_demo
+
+    result = run_demo(out, overwrite=overwrite, device=device)
+    click.echo(result["table"])
+
+
+@cli.command("evaluate")
+@click.option("--dataset", "dataset", required=True, type=click.Path(path_type=Path), help="Dataset root.")
+@click.option("--predictions", required=True, type=click.Path(path_type=Path), help="Maps in the submission layout.")
+@click.option("--protocol", type=click.Choice(["mvtec", "3cad-paper"]), default="mvtec", show_default=True,
+              help="mvtec: standard definitions; 3cad-paper: the official 3CAD code's (legacy).")
+@click.option("--categories", multiple=True, help="Only these categories (repeat, or comma-separated).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results as JSON.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or a torch device such as cuda.")
+@click.option("--size", default=None, help="Evaluate at a declared WxH instead of the native size (mvtec).")
+@click.option("--curves", is_flag=True, help="Add downsampled ROC and PRO curves to the JSON.")
+def evaluate_cmd(dataset, predictions, protocol, categories, json_out, device, size, curves) -> None:
+    """Score a predictions folder: I-AUROC, P-AUROC, AU-PRO, pixel AP, image and pixel F1-max."""
+    from threecad.io import write_json
+    from threecad.metrics import evaluate_predictions, format_table
+
+    names = [name for item in categories for name in item.split(",") if name] or None
+    result = evaluate_predictions(dataset, predictions, protocol=protocol, categories=names, device=device,
+                                  size=_parse_size(size) if size else None, curves=curves)
+    if json_out is not None:
+        write_json(json_out, result)
+    click.echo(format_table(result))
+
 
 
 # --------------------------------------------------------------------------- leaderboard
+def _store_option(func):
+    return click.option("--store", type=click.Path(path_type=Path), envvar="THREECAD_STORE", default=None,
+                        help="SQLite results store [$THREECAD_STORE or ~/.threecad/leaderboard.sqlite].")(func)
+
+
+def _names(items: tuple[str, ...]) -> list[str] | None:
+    return [name for item in items for name in item.split(",") if name] or None
+
+
+@cli.group()
+def leaderboard() -> None:
+    """Submit maps, run standardized evaluations, and print or publish result tables."""
+
+
+@leaderboard.command("validate")
+@click.argument("submission", type=click.Path(path_type=Path))
+@click.option("--dataset", required=True, type=click.Path(path_type=Path), help="Dataset root.")
+@click.option("--categories", multiple=True, help="Only these categories (repeat, or comma-separated) [all].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def leaderboard_validate(submission, dataset, categories, as_json) -> None:
+    """Check a submission folder/.zip/.tar.gz against the dataset; exit 1 if it is invalid."""
+    import json
+
+    from leaderboard.submission import validate_submission
+
+    report = validate_submission(submission, dataset, _names(categories))
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.text())
+    if not report.ok:
+        sys.exit(1)
+
+
+@leaderboard.command("submit")
+@click.argument("submission", type=click.Path(path_type=Path))
+@click.option("--dataset", required=True, type=click.Path(path_type=Path), help="Dataset root.")
+@_store_option
+@click.option("--categories", multiple=True, help="Only these categories (repeat, or comma-separated) [all].")
+@click.option("--device", default="cpu", show_default=True, help="Evaluation device (cpu or cuda).")
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome (or the rejection report) as JSON.")
+def leaderboard_submit(submission, dataset, store, categories, device, as_json) -> None:
+    """Validate, evaluate under both protocols and store a submission (same bytes twice: stored once)."""
+    import json
+
+    from leaderboard.submission import SubmissionRejected
+    from leaderboard.submit import submit
+
+    try:
+        result = submit(submission, dataset, store, _names(categories), device=device)
+    except SubmissionRejected as exc:
+        click.echo(json.dumps(exc.report.to_dict(), indent=2) if as_json else exc.report.text())
+        click.echo(f"error: {exc} (nothing was stored)", err=True)
+        sys.exit(1)
+    if as_json:
+        results = {p: {k: v for k, v in r.items() if k != "curves"} for p, r in result.results.items()}
+        click.echo(json.dumps({"sha256": result.sha256, "stored": result.stored, "method": result.method,
+                               "results": results}, indent=2, default=str))
+    else:
+        click.echo(result.text())
+
+
+@leaderboard.command("table")
+@_store_option
+@click.option("--metric", default=None, help="One metric (or a,b), e.g. p_auroc.")
+@click.option("--pair", default=None, help="Two metrics per cell, e.g. p_auroc/p_ap (default) or i_auroc/aupro.")
+@click.option("--protocol", type=click.Choice(["mvtec", "3cad-paper", "runtime"]), default=None,
+              help="[3cad-paper for --source reported, else mvtec]")
+@click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex", "html"]), default="md", show_default=True)
+@click.option("--source", type=click.Choice(["evaluated", "reported", "all"]), default="reported", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Write to this file instead of stdout.")
+def leaderboard_table(store, metric, pair, protocol, fmt, source, out) -> None:
+    """Methods by family x categories + mean; best bold, second underlined, "-" for missing."""
+    from leaderboard.store import Store
+    from leaderboard.tables import render_table
+    from threecad.io import write_text
+
+    with Store(store) as db:
+        text = render_table(db, metric=metric, pair=pair, protocol=protocol, fmt=fmt, source=source)
+    if out is not None:
+        write_text(out, text)
+        click.echo(f"wrote {out}")
+    else:
+        click.echo(text, nl=False)
+
+
+@leaderboard.command("run")
+@click.option("--method", required=True, help="Method name (see `3cad methods`).")
+@click.option("--dataset", required=True, type=click.Path(path_type=Path), help="Dataset root.")
+@click.option("--categories", multiple=True, help="Only these categories (repeat, or comma-separated) [all].")
+@_store_option
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--size", default=256, show_default=True, help="Image side fed to the model.")
+@click.option("--resize", type=click.Choice(["squash", "aspect"]), default="squash", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
+@click.option("--warmup", default=3, show_default=True, help="Untimed batch-1 passes before timing.")
+@click.option("--timed", default=20, show_default=True, help="Timed batch-1 passes.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for run folders and maps [~/.threecad/runs/<run id>].")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Method option (repeatable).")
+def leaderboard_run(method, dataset, categories, store, device, size, resize, seed, dtype, warmup, timed, out,
+                    settings) -> None:
+    """Standardized run: fit, predict, evaluate (both protocols) and time per category; resumable."""
+    from leaderboard.runs import standardized_run
+
+    summary = standardized_run(method, dataset, _names(categories), store=store, out=out, device=device, size=size,
+                               resize=resize, seed=seed, config=_parse_set(settings), dtype=dtype, warmup=warmup,
+                               timed=timed)
+    click.echo(summary.text())
+
+
+@leaderboard.command("site")
+@click.argument("out", type=click.Path(path_type=Path))
+@_store_option
+def leaderboard_site(out, store) -> None:
+    """Write one self-contained HTML page (tables, sortable columns, embedded charts) to OUT."""
+    from leaderboard.site import build_site
+
+    click.echo(f"wrote {build_site(store, out)}")
+
+
+@leaderboard.command("list")
+@_store_option
+@click.option("--source", type=click.Choice(["evaluated", "reported", "all"]), default="all", show_default=True)
+def leaderboard_list(store, source) -> None:
+    """Stored submissions: sha256, method, version, source, size, number of results, hardware."""
+    import json
+
+    from leaderboard.store import Store
+
+    with Store(store) as db:
+        for sub in db.submissions(source):
+            hardware = sub.get("hardware") or ""
+            if hardware.startswith("{"):
+                info = json.loads(hardware)
+                hardware = info.get("gpu") or f"{info.get('cpu', '?')} x{info.get('cpu_count', '?')}"
+            click.echo(f"{sub['sha256'][:12]}  {sub['source']:9s}  {sub['method']:12s} {sub['version'] or '-':14s} "
+                       f"{sub['eval_size'] or '-':14s} {sub['n_results']:4d} results  {sub['created_at']}  {hardware}")
+
+
+@leaderboard.command("means")
+def leaderboard_means() -> None:
+    """Does each published Mean of Tables 3 and 4 equal the mean of its eight category values?"""
+    from leaderboard.reported import mean_check_report
+
+    click.echo(mean_check_report())
+
+
+@leaderboard.command("export")
+@click.argument("out", type=click.Path(path_type=Path))
+@_store_option
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default=None, help="[from OUT's suffix]")
+@click.option("--source", type=click.Choice(["evaluated", "reported", "all"]), default="all", show_default=True)
+def leaderboard_export(out, store, fmt, source) -> None:
+    """Write the store's results as CSV (one number per row) or JSON (with submissions and curves)."""
+    from leaderboard.store import Store
+
+    with Store(store) as db:
+        n = db.export(out, fmt, source)
+    click.echo(f"wrote {n} results to {out}")
+
+
+@leaderboard.command("import")
+@click.argument("path", type=click.Path(path_type=Path))
+@_store_option
+def leaderboard_import(path, store) -> None:
+    """Merge a CSV or JSON export into the store (submissions already there are skipped)."""
+    from leaderboard.store import Store
+
+    with Store(store) as db:
+        counts = db.import_(path)
+    click.echo(f"imported {counts['added']} submission(s), skipped {counts['skipped']} already present "
+               f"({counts['rows']} rows read)")
+
 
 
 def main() -> None:

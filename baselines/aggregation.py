@@ -1,0 +1,70 @@
+"""Patch features from several backbone stages, and the map post-processing shared by the methods.
+
+PatchCore describes each feature-map position by its local neighbourhood: features are averaged over
+a ``k x k`` window (stride 1, so the resolution is kept), which adds context without the blur of a
+deeper layer. Deeper stages are upsampled (bilinear) to the finest stage's grid and concatenated.
+Anomaly maps are upsampled to the input resolution and smoothed with a Gaussian (sigma 4 pixels),
+as both papers do.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def local_aggregate(feature: torch.Tensor, kernel: int = 3) -> torch.Tensor:
+    """Mean over each position's ``kernel x kernel`` neighbourhood (B, C, H, W) -> same shape.
+
+    Border positions average only the neighbours that exist (zero padding is not counted).
+    """
+    if kernel <= 1:
+        return feature
+    return F.avg_pool2d(feature, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+
+
+def combine_stages(features: list[torch.Tensor], kernel: int = 3) -> torch.Tensor:
+    """Aggregate each stage, upsample all to the first (finest) stage's grid, concatenate channels."""
+    size = features[0].shape[-2:]
+    out = []
+    for feature in features:
+        feature = local_aggregate(feature, kernel)
+        if feature.shape[-2:] != size:
+            feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
+        out.append(feature)
+    return torch.cat(out, 1)
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """Normalised 1-D Gaussian of radius ``round(truncate * sigma)`` (scipy.ndimage's convention)."""
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).float()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps, mirror borders (scipy ``mode="mirror"``)."""
+    if sigma <= 0:
+        return maps
+    kernel = gaussian_kernel1d(sigma).to(maps.device)
+    radius = kernel.numel() // 2
+    x = maps[:, None].float()
+    for dim in (2, 3):
+        n = x.shape[dim]
+        pad = min(radius, n - 1)
+        if pad < radius:  # tiny maps: reflect padding cannot exceed the size, so replicate the rest
+            x = F.pad(x, (0, 0, pad, pad) if dim == 2 else (pad, pad, 0, 0), mode="reflect") if pad else x
+            extra = radius - pad
+            x = F.pad(x, (0, 0, extra, extra) if dim == 2 else (extra, extra, 0, 0), mode="replicate")
+        else:
+            x = F.pad(x, (0, 0, radius, radius) if dim == 2 else (radius, radius, 0, 0), mode="reflect")
+        weight = kernel.view(1, 1, -1, 1) if dim == 2 else kernel.view(1, 1, 1, -1)
+        x = F.conv2d(x, weight)
+    return x[:, 0]
+
+
+def upsample_maps(patch_maps: torch.Tensor, size: tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
+    """(B, h, w) patch scores -> (B, H, W) at ``size`` (bilinear), then Gaussian-smoothed."""
+    maps = F.interpolate(patch_maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return gaussian_blur(maps, sigma)

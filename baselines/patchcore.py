@@ -1,0 +1,207 @@
+"""PatchCore (Roth et al., "Towards Total Recall in Industrial Anomaly Detection", CVPR 2022).
+
+Normal images are described by a memory bank of locally aggregated mid-level patch features; a test
+patch is as anomalous as its distance to the nearest bank entry. The pieces live in small modules:
+:mod:`baselines.aggregation` (3x3 neighbourhood averaging, stage fusion, map smoothing),
+:mod:`baselines.coreset` (greedy k-center subsampling of the bank) and :mod:`baselines.knn`
+(nearest-neighbour search in blocks of bounded memory).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from baselines import features as _features
+from baselines.aggregation import combine_stages, upsample_maps
+from baselines.base import Method, register
+from baselines.batching import iter_batches
+from baselines.coreset import greedy_coreset
+from baselines.knn import nearest_neighbors
+from threecad.device import resolve_device
+from threecad.errors import ThreecadError
+
+log = logging.getLogger(__name__)
+
+
+@register
+class PatchCore(Method):
+    """Memory-bank anomaly detector.
+
+    Parameters
+    ----------
+    backbone, layers, weights:
+        Feature extractor (:mod:`threecad.backbones`); layers by name or output stride.
+    neighbourhood:
+        Side of the local averaging window (3 in the paper; 1 disables it).
+    feature_dim:
+        Reduce the fused channels to this many by averaging adjacent channels (the paper's 1024 for
+        WRN50); ``None`` keeps them all.
+    coreset_ratio:
+        Fraction of training patches kept in the bank (greedy k-center); 1.0 keeps all of them.
+    max_bank:
+        Upper bound on the bank size after subsampling (``None``: no bound).
+    max_patches:
+        Seeded random subset of the training patches the coreset starts from (``None``: all). Greedy
+        k-center costs one pass over all candidates per selected entry, so this bounds fit time on
+        large training sets; the coreset ratio applies to the patches kept.
+    projection_dim:
+        Random-projection dimension used for the coreset distances.
+    num_neighbors:
+        Patch score = mean distance to this many nearest bank entries (1 in the paper).
+    reweight, reweight_neighbors:
+        The paper's image-score reweighting by the density of the bank around the nearest entry.
+    sigma:
+        Gaussian smoothing of the full-resolution maps.
+    batch_size, device, seed, block_mb:
+        Run-time settings; ``block_mb`` bounds the memory of one distance block.
+    """
+
+    name = "patchcore"
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layers: Sequence[str] = ("stride8", "stride16"),
+        weights: str | None = "default",
+        neighbourhood: int = 3,
+        feature_dim: int | None = None,
+        coreset_ratio: float = 0.1,
+        max_bank: int | None = None,
+        max_patches: int | None = 200_000,
+        projection_dim: int | None = 128,
+        num_neighbors: int = 1,
+        reweight: bool = False,
+        reweight_neighbors: int = 9,
+        sigma: float = 4.0,
+        batch_size: int = 16,
+        device: str = "auto",
+        seed: int = 0,
+        block_mb: int = 64,
+    ):
+        self.backbone = backbone
+        self.layers = list(layers)
+        self.weights = weights
+        self.neighbourhood = int(neighbourhood)
+        self.feature_dim = feature_dim
+        self.coreset_ratio = float(coreset_ratio)
+        self.max_bank = max_bank
+        self.max_patches = max_patches
+        self.projection_dim = projection_dim
+        self.num_neighbors = int(num_neighbors)
+        self.reweight = bool(reweight)
+        self.reweight_neighbors = int(reweight_neighbors)
+        self.sigma = float(sigma)
+        self.batch_size = int(batch_size)
+        self.device = device
+        self.seed = int(seed)
+        self.block_mb = int(block_mb)
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ThreecadError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if self.num_neighbors < 1 or self.neighbourhood < 1:
+            raise ThreecadError("num_neighbors and neighbourhood must be >= 1")
+        if not self.layers:
+            raise ThreecadError("PatchCore needs at least one backbone layer")
+        self.memory_bank: torch.Tensor | None = None
+        self._extractor = None
+
+    # ------------------------------------------------------------------ features
+    def _device(self) -> torch.device:
+        return resolve_device(self.device)
+
+    def _get_extractor(self):
+        if self._extractor is None:
+            self._extractor = _features.build_extractor(self.backbone, self.layers, self.weights, self._device())
+        return self._extractor
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch features (B, h, w, D) of images (B, 3, H, W) in [0, 1]."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ThreecadError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        maps = _features.extract(self._get_extractor(), images.to(self._device()), self.layers)
+        fused = combine_stages([m.float() for m in maps], self.neighbourhood)
+        b, c, h, w = fused.shape
+        fused = fused.permute(0, 2, 3, 1)
+        if self.feature_dim is not None and c > self.feature_dim:
+            fused = F.adaptive_avg_pool1d(fused.reshape(-1, 1, c), self.feature_dim).reshape(b, h, w, -1)
+        return fused.contiguous()
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, train_data, validation_data=None) -> PatchCore:
+        chunks = []
+        for images, _ in iter_batches(train_data, self.batch_size, desc="patchcore features"):
+            embedded = self.embed(images)
+            chunks.append(embedded.reshape(-1, embedded.shape[-1]).cpu())
+        if not chunks:
+            raise ThreecadError("PatchCore.fit got no training images")
+        patches = torch.cat(chunks)
+        if self.max_patches is not None and len(patches) > self.max_patches:
+            generator = torch.Generator().manual_seed(self.seed)
+            keep = torch.randperm(len(patches), generator=generator)[: int(self.max_patches)].sort().values
+            log.info("patchcore: random subset of %d of %d training patches", len(keep), len(patches))
+            patches = patches[keep]
+        target = max(1, round(self.coreset_ratio * len(patches)))
+        if self.max_bank is not None:
+            target = min(target, int(self.max_bank))
+        log.info("patchcore: %d training patches of dim %d -> bank of %d", len(patches), patches.shape[1], target)
+        if target < len(patches):
+            index = greedy_coreset(patches.to(self._device()), target, self.projection_dim, self.seed)
+            patches = patches[index.cpu()]
+        self.memory_bank = patches.contiguous()
+        return self
+
+    # ------------------------------------------------------------------ predict
+    def _bank(self) -> torch.Tensor:
+        if self.memory_bank is None:
+            raise ThreecadError("PatchCore is not fitted: call fit() or load a saved run")
+        device = self._device()
+        if self.memory_bank.device != device:
+            self.memory_bank = self.memory_bank.to(device)
+        return self.memory_bank
+
+    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        bank = self._bank()
+        patches = self.embed(images)
+        b, h, w, d = patches.shape
+        if d != bank.shape[1]:
+            raise ThreecadError(f"feature dimension {d} differs from the memory bank's {bank.shape[1]} (other backbone?)")
+        flat = patches.reshape(-1, d)
+        dist, index = nearest_neighbors(flat, bank, self.num_neighbors, self.block_mb * 2**20)
+        scores = dist.mean(1).reshape(b, h * w)
+        best = scores.argmax(1)
+        image_scores = scores.gather(1, best[:, None])[:, 0]
+        if self.reweight:
+            image_scores = image_scores * self._reweight(flat.reshape(b, h * w, d), best, index.reshape(b, h * w, -1))
+        maps = upsample_maps(scores.reshape(b, h, w), tuple(images.shape[-2:]), self.sigma)
+        return image_scores.float().cpu().numpy(), maps.cpu().numpy().astype(np.float32)
+
+    def _reweight(self, patches: torch.Tensor, best: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Weight 1 - exp(d(m_test, m*)) / sum_{m in N_b(m*)} exp(d(m_test, m)) of the paper (eq. 7).
+
+        ``m_test`` is the image's most anomalous patch, ``m*`` its nearest bank entry and ``N_b(m*)``
+        is ``m*`` with its ``reweight_neighbors`` nearest bank entries. Computed as a softmax for
+        stability. Since ``m*`` is the nearest entry, the weight lies in [b / (b + 1), 1): near 1 when the
+        rest of the neighbourhood is far from ``m_test`` (``m*`` is a rare pattern), lower when dense.
+        """
+        bank = self._bank()
+        rows = torch.arange(len(best), device=patches.device)
+        m_test = patches[rows, best]  # (B, D)
+        m_star = bank[index[rows, best, 0]]  # (B, D)
+        _, hood = nearest_neighbors(m_star, bank, self.reweight_neighbors + 1, self.block_mb * 2**20)
+        dists = torch.cdist(m_test[:, None], bank[hood])[:, 0]  # (B, b+1); column 0 is m* itself
+        return 1.0 - torch.softmax(dists, dim=1)[:, 0]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.memory_bank is None:
+            raise ThreecadError("PatchCore is not fitted: nothing to save")
+        return {"memory_bank": self.memory_bank.detach().cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if "memory_bank" not in state or state["memory_bank"].ndim != 2:
+            raise ThreecadError("PatchCore weights must hold a 2-D 'memory_bank' tensor")
+        self.memory_bank = state["memory_bank"].float()

@@ -1,0 +1,229 @@
+"""Train and predict runners: run folders in, submission-layout maps out.
+
+``train`` writes one run folder per category, ``<out>/<Category>/`` holding the saved method
+(``config.json`` + ``weights.pt``) and ``run.json`` (dataset, category, image size and resize mode,
+seed, timings). ``predict`` reads a run folder (or a folder of them), scores the test split of the
+same category, and writes ``<out>/<Category>/test/<defect>/<stem>.tiff`` at each image's native size
+plus ``<out>/scores.csv``, which is exactly what ``3cad evaluate`` reads.
+
+The test split is never opened while training; validation images (``validation/good``) are passed
+to methods that use them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from baselines.base import CONFIG_FILE, build, get_method, load_method
+from baselines.batching import iter_batches
+from threecad import __version__
+from threecad.data import AnomalyDataset
+from threecad.device import resolve_device
+from threecad.errors import ThreecadError
+from threecad.io import image_size, write_json, write_text
+from threecad.layout import list_categories, list_samples
+from threecad.maps import map_relpath, write_map
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+SCORES_FILE = "scores.csv"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy's legacy global generator and torch (methods also take explicit seeds)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_categories(dataset: str | Path, categories: Sequence[str] | str | None) -> list[str]:
+    """``None``, ``"all"`` or ``["all"]`` means every category of the dataset; names are checked."""
+    present = list_categories(dataset)
+    if categories is None or categories == "all" or list(categories) == ["all"]:
+        return present
+    if isinstance(categories, str):
+        categories = [categories]
+    unknown = [c for c in categories if c not in present]
+    if unknown:
+        raise ThreecadError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                            f"present: {', '.join(present)}", dataset)
+    return list(dict.fromkeys(categories))
+
+
+def _method_config(method: str, config: dict[str, Any] | None, device: str, seed: int) -> dict[str, Any]:
+    """User options plus device and seed where the method takes them (never overriding the user)."""
+    keys = get_method(method).config_keys()
+    merged = dict(config or {})
+    if "device" in keys:
+        merged.setdefault("device", device)
+    if "seed" in keys:
+        merged.setdefault("seed", seed)
+    return merged
+
+
+def train(
+    method: str,
+    dataset: str | Path,
+    categories: Sequence[str] | str | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+    size: int = 256,
+    resize: str = "squash",
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    validation: bool | str = "auto",
+) -> list[Path]:
+    """Fit ``method`` on the ``train/good`` images of each category; returns the run folders.
+
+    ``out`` defaults to ``runs/<method>``. ``validation``: ``"auto"`` passes ``validation/good`` to
+    the method when the dataset has it, ``True`` requires it, ``False`` never passes it.
+    """
+    dataset = Path(dataset)
+    cats = resolve_categories(dataset, categories)
+    out = Path(out) if out is not None else Path("runs") / method
+    resolve_device(device)  # a missing GPU is reported before any work
+    options = _method_config(method, config, device, seed)
+    build(method, **options)  # unknown options fail here, before any category is trained
+    runs = []
+    for category in cats:
+        seed_everything(seed)
+        run_dir = out / category
+        start = time.perf_counter()
+        train_set = AnomalyDataset(dataset, category, "train", size=size, resize=resize)
+        val_set = None
+        has_val = bool(list_samples(dataset, category, "validation"))
+        if validation is True and not has_val:
+            raise ThreecadError(f"no validation/good images for category {category!r}", dataset / category)
+        if validation and has_val:
+            val_set = AnomalyDataset(dataset, category, "validation", size=size, resize=resize)
+        model = build(method, **options)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        model.work_dir = run_dir
+        log.info("training %s on %s (%d images, %s %d)", method, category, len(train_set), resize, size)
+        fit_start = time.perf_counter()
+        model.fit(train_set, val_set)
+        fit_s = time.perf_counter() - fit_start
+        model.save(run_dir)
+        write_json(run_dir / RUN_FILE, {
+            "method": method,
+            "dataset": str(dataset.resolve()),
+            "category": category,
+            "size": size,
+            "resize": resize,
+            "seed": seed,
+            "device": str(resolve_device(device)),
+            "train_images": len(train_set),
+            "validation_images": len(val_set) if val_set is not None else 0,
+            "timings": {"fit_s": round(fit_s, 3), "total_s": round(time.perf_counter() - start, 3)},
+            "threecad": __version__,
+        })
+        log.info("%s: fitted in %.1f s -> %s", category, fit_s, run_dir)
+        runs.append(run_dir)
+    return runs
+
+
+def find_runs(run: str | Path) -> list[Path]:
+    """A run folder itself, or the run folders directly inside ``run``."""
+    run = Path(run)
+    if (run / CONFIG_FILE).is_file() and (run / RUN_FILE).is_file():
+        return [run]
+    if run.is_dir():
+        found = sorted(p for p in run.iterdir() if (p / CONFIG_FILE).is_file() and (p / RUN_FILE).is_file())
+        if found:
+            return found
+    raise ThreecadError(f"not a run folder (no {RUN_FILE} + {CONFIG_FILE}, nor sub-folders with them)", run)
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / RUN_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise ThreecadError(f"unreadable {RUN_FILE} ({exc})", run_dir) from None
+
+
+def _native_maps(maps: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Each (h, w) map resized (bilinear) back to its image's native (width, height)."""
+    out = []
+    tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
+    for i, (width, height) in enumerate(sizes):
+        m = tensor[i]
+        if tuple(m.shape) != (height, width):
+            m = F.interpolate(m[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+        out.append(m.numpy())
+    return out
+
+
+def predict(
+    run: str | Path,
+    dataset: str | Path,
+    out: str | Path,
+    dtype: str = "float32",
+    batch_size: int = 16,
+    device: str | None = None,
+) -> Path:
+    """Score the test split of each run's category; writes maps and ``scores.csv`` under ``out``.
+
+    Images are fed at the run's size and resize mode; maps are resized back to each image's native
+    size. ``scores.csv`` (category, path below the category, score) covers every category predicted
+    so far in ``out``: rows of other categories already there are kept.
+    """
+    if dtype not in ("float16", "float32"):
+        raise ThreecadError(f"--dtype must be float16 or float32, not {dtype}")
+    dataset, out = Path(dataset), Path(out)
+    runs = find_runs(run)
+    present = set(list_categories(dataset))
+    if device is not None:
+        resolve_device(device)
+    rows: dict[tuple[str, str], float] = {}
+    for run_dir in runs:
+        info = read_run(run_dir)
+        category = info["category"]
+        if category not in present:
+            raise ThreecadError(f"run {run_dir} is for category {category!r}, which the dataset lacks", dataset)
+        overrides = {}
+        if device is not None and "device" in json.loads((run_dir / CONFIG_FILE).read_text())["config"]:
+            overrides["device"] = device
+        method = load_method(run_dir, **overrides)
+        test_set = AnomalyDataset(dataset, category, "test", size=info["size"], resize=info["resize"])
+        by_path = {str(s.image_path): s for s in test_set.samples}
+        start = time.perf_counter()
+        for images, items in iter_batches(test_set, batch_size, desc=f"predict {category}"):
+            scores, maps = method.predict(images)
+            samples = [by_path[item["path"]] for item in items]
+            native = _native_maps(maps, [image_size(s.image_path) for s in samples])
+            for sample, score, amap in zip(samples, scores, native):
+                write_map(out / map_relpath(category, sample.defect, sample.stem), amap, dtype=dtype)
+                rows[(category, sample.relpath)] = float(score)
+        log.info("%s: %d test images in %.1f s -> %s", category, len(test_set), time.perf_counter() - start,
+                 out / category)
+    _write_scores(out / SCORES_FILE, rows)
+    return out
+
+
+def _write_scores(path: Path, rows: dict[tuple[str, str], float]) -> None:
+    """Merge with an existing scores.csv (other categories stay), sorted, written atomically."""
+    merged: dict[tuple[str, str], float] = {}
+    if path.is_file():
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                merged[(row["category"], row["path"])] = float(row["score"])
+    merged.update(rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["category", "path", "score"])
+    for (category, rel), score in sorted(merged.items()):
+        writer.writerow([category, rel, repr(score)])
+    write_text(path, buffer.getvalue())

@@ -1,0 +1,103 @@
+"""Inference speed of every registered method against its bare backbone.
+
+For each method of ``baselines.available()``: fit on a few synthetic images with a small
+configuration (``SMALL_CONFIG``), then time ``predict`` on 256x256 images at batch 1 and batch 16
+(images/s, maps returned to the CPU as numpy, so the timing covers everything a user waits for).
+The bare backbone forward pass (normalisation + features up to the deepest tapped layer) on the same
+images is timed too; ``overhead`` = backbone images/s / method images/s (1.0 = no cost beyond the
+backbone).
+
+    python benchmarks/inference.py [--device cpu|cuda|auto] [--batch-sizes 1 16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from baselines import available, build
+from threecad.backbones import DEFAULT_BACKBONE, FeatureExtractor, benchmark_forward
+from threecad.data import AnomalyDataset
+from threecad.device import resolve_device
+from threecad.progress import set_progress
+from threecad.synth.dataset import SynthDatasetConfig, make_synthetic_dataset
+
+#: Small settings so that fitting takes seconds; predict cost does not depend on them much.
+SMALL_CONFIG: dict[str, dict] = {
+    "patchcore": {"coreset_ratio": 0.1},
+    "padim": {},
+    "cfrg": {"epochs": 1},
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(fn, batch: torch.Tensor, device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn(batch)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn(batch)
+    _sync(device)
+    return batch.shape[0] * repeats / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="images/s of predict vs the bare backbone")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--methods", nargs="*", default=None, help="default: every available method")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    set_progress(False)
+    device = resolve_device(args.device)
+    torch.manual_seed(0)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        config = SynthDatasetConfig(categories=1, train=8, test_good=8, test_defect=8,
+                                    size=(args.size, args.size), vary_size=False)
+        root = make_synthetic_dataset(Path(tmp) / "data", seed=0, config=config)
+        category = next(p.name for p in root.iterdir() if p.is_dir())
+        train = AnomalyDataset(root, category, "train", size=args.size)
+        test = AnomalyDataset(root, category, "test", size=args.size)
+        pool = torch.stack([test[i]["image"] for i in range(len(test))])
+        for name in args.methods or available():
+            try:
+                method = build(name, device=str(device), **SMALL_CONFIG.get(name, {}))
+                method.fit(train)
+            except Exception as exc:  # noqa: BLE001 - report and go on with the other methods
+                print(f"{name}: skipped ({exc.__class__.__name__}: {exc})")
+                continue
+            backbone = getattr(method, "backbone", DEFAULT_BACKBONE)
+            layers = getattr(method, "layers", ("stride8", "stride16"))
+            extractor = FeatureExtractor(backbone if isinstance(backbone, str) else DEFAULT_BACKBONE,
+                                         layers=tuple(layers), device=device)
+            for batch_size in args.batch_sizes:
+                batch = pool.repeat(-(-batch_size // len(pool)), 1, 1, 1)[:batch_size].to(device)
+                repeats = max(args.repeats, 16 // batch_size)
+                method_ips = images_per_second(method.predict, batch, device, 1, repeats)
+                backbone_ips = benchmark_forward(extractor, batch, batch_size=batch_size, warmup=1, repeats=repeats)
+                row = {"method": name, "backbone": extractor.name, "device": str(device), "batch": batch_size,
+                       "size": args.size, "method_ips": method_ips, "backbone_ips": backbone_ips,
+                       "overhead": backbone_ips / method_ips}
+                results.append(row)
+                print(f"{name:10s} {extractor.name:18s} {device.type:4s} batch {batch_size:3d}: "
+                      f"predict {method_ips:8.1f} img/s  backbone {backbone_ips:8.1f} img/s  "
+                      f"overhead x{row['overhead']:.2f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""PatchCore, PaDiM and their pieces, each checked against an independent reference.
+
+Most tests use a tiny seeded convolutional extractor in place of the pretrained backbone, so they
+test the method maths, not ImageNet features; one test uses the real offline backbone on the
+synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from scipy.spatial.distance import cdist
+from sklearn.metrics import roc_auc_score
+
+import baselines.features as features_module
+from baselines import available, build, load_method
+from baselines.aggregation import gaussian_blur, local_aggregate
+from baselines.coreset import greedy_coreset
+from baselines.knn import nearest_neighbors
+from baselines.padim import PaDiM, mahalanobis
+from baselines.patchcore import PatchCore
+from threecad.data import AnomalyDataset
+from threecad.errors import ThreecadError
+
+
+class FakeExtractor:
+    """A seeded random conv layer pooled to strides 4/8/16: cheap, deterministic, position-aware."""
+
+    def __init__(self, layers):
+        generator = torch.Generator().manual_seed(0)
+        self.weight = torch.randn(12, 3, 3, 3, generator=generator)
+        self.layers = list(layers)
+
+    def __call__(self, images):
+        x = F.relu(F.conv2d(images * 2 - 1, self.weight, padding=1))
+        out = {"stride4": F.avg_pool2d(x, 4)}
+        out["stride8"] = F.avg_pool2d(out["stride4"], 2)[:, :8]
+        out["stride16"] = F.avg_pool2d(out["stride8"], 2)
+        return {name: out[name] for name in self.layers}
+
+
+@pytest.fixture
+def fake_backbone(monkeypatch):
+    monkeypatch.setattr(features_module, "build_extractor", lambda backbone, layers, weights, device: FakeExtractor(layers))
+
+
+class ImageList(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "path": f"img{i}"}
+
+
+def _images(n, h=64, w=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.linspace(0.3, 0.7, w).expand(3, h, w)
+    return [(base + 0.05 * torch.randn(3, h, w, generator=generator)).clamp(0, 1) for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------- registry and config
+def test_registry_lists_and_builds_both_methods():
+    assert {"patchcore", "padim"} <= set(available())
+    assert isinstance(build("patchcore"), PatchCore)
+    assert isinstance(build("padim", n_features=10), PaDiM)
+
+
+def test_unknown_option_and_method_are_clear_errors():
+    with pytest.raises(ThreecadError, match="no option.*coreset_raito.*valid:.*coreset_ratio"):
+        build("patchcore", coreset_raito=0.1)
+    with pytest.raises(ThreecadError, match="unknown method 'nope'"):
+        build("nope")
+    with pytest.raises(ThreecadError, match="coreset_ratio"):
+        build("patchcore", coreset_ratio=0.0)
+
+
+def test_unfitted_predict_is_a_clear_error(fake_backbone):
+    with pytest.raises(ThreecadError, match="not fitted"):
+        PatchCore(device="cpu").predict(torch.rand(1, 3, 32, 32))
+    with pytest.raises(ThreecadError, match="not fitted"):
+        PaDiM(device="cpu").predict(torch.rand(1, 3, 32, 32))
+
+
+# ---------------------------------------------------------------------------- building blocks
+def _brute_force_k_center(points: np.ndarray, n: int, first: int) -> list[int]:
+    chosen = [first]
+    min_d = cdist(points, points[[first]], "sqeuclidean")[:, 0]
+    while len(chosen) < n:
+        nxt = int(np.argmax(min_d))
+        chosen.append(nxt)
+        min_d = np.minimum(min_d, cdist(points, points[[nxt]], "sqeuclidean")[:, 0])
+    return chosen
+
+
+def test_coreset_equals_brute_force_greedy_k_center():
+    rng = np.random.default_rng(3)
+    points = rng.normal(size=(300, 6)).astype(np.float32)
+    got = greedy_coreset(torch.from_numpy(points), 25, projection_dim=None, seed=5).tolist()
+    assert got == _brute_force_k_center(points.astype(np.float64), 25, got[0])
+    again = greedy_coreset(torch.from_numpy(points), 25, projection_dim=None, seed=5).tolist()
+    assert again == got  # deterministic for a seed
+
+
+def test_projected_coreset_covers_nearly_as_well():
+    rng = np.random.default_rng(4)
+    points = rng.normal(size=(2000, 256)).astype(np.float32)
+    exact = greedy_coreset(torch.from_numpy(points), 50, projection_dim=None).numpy()
+    projected = greedy_coreset(torch.from_numpy(points), 50, projection_dim=64).numpy()
+    assert len(set(projected.tolist())) == 50
+
+    def radius(idx):
+        return cdist(points, points[idx]).min(1).max()
+
+    # Greedy k-center is a 2-approximation; the JL projection costs a small factor on top.
+    assert radius(projected) <= 1.25 * radius(exact)
+    random_subset = rng.choice(len(points), 50, replace=False)
+    assert radius(exact) < radius(random_subset)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_chunked_knn_equals_cdist(k):
+    rng = np.random.default_rng(1)
+    queries = rng.normal(size=(257, 16)).astype(np.float32)
+    bank = rng.normal(size=(1001, 16)).astype(np.float32)
+    ref = cdist(queries.astype(np.float64), bank.astype(np.float64))
+    ref_idx = np.argsort(ref, axis=1)[:, :k]
+    # 4 KB blocks: forces many query and bank chunks.
+    dist, idx = nearest_neighbors(torch.from_numpy(queries), torch.from_numpy(bank), k=k, block_bytes=4096)
+    np.testing.assert_allclose(dist.numpy(), np.take_along_axis(ref, ref_idx, 1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(idx.numpy(), ref_idx)
+
+
+def test_gaussian_blur_matches_scipy():
+    rng = np.random.default_rng(2)
+    maps = rng.random((2, 50, 70)).astype(np.float32)
+    got = gaussian_blur(torch.from_numpy(maps), sigma=4.0).numpy()
+    for i in range(2):
+        ref = gaussian_filter(maps[i].astype(np.float64), sigma=4.0, mode="mirror", truncate=4.0)
+        np.testing.assert_allclose(got[i], ref, atol=1e-5)
+
+
+def test_local_aggregate_is_neighbourhood_mean():
+    rng = np.random.default_rng(5)
+    feature = rng.random((1, 2, 6, 7)).astype(np.float32)
+    got = local_aggregate(torch.from_numpy(feature), 3).numpy()
+    for y in range(6):
+        for x in range(7):
+            window = feature[0, :, max(0, y - 1) : y + 2, max(0, x - 1) : x + 2]
+            np.testing.assert_allclose(got[0, :, y, x], window.mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_mahalanobis_matches_scipy():
+    from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
+
+    rng = np.random.default_rng(6)
+    positions, channels = 5, 4
+    mean = rng.normal(size=(positions, channels))
+    a = rng.normal(size=(positions, channels, channels))
+    inv = np.linalg.inv(a @ a.transpose(0, 2, 1) + np.eye(channels))
+    x = rng.normal(size=(3, positions, channels))
+    got = mahalanobis(torch.from_numpy(x), torch.from_numpy(mean), torch.from_numpy(inv)).numpy()
+    ref = [[scipy_mahalanobis(x[b, p], mean[p], inv[p]) for p in range(positions)] for b in range(3)]
+    np.testing.assert_allclose(got, ref, rtol=1e-10)
+
+
+# ---------------------------------------------------------------------------- PaDiM maths
+def test_padim_gaussians_match_numpy(fake_backbone):
+    images = _images(9, 32, 48)
+    model = PaDiM(layers=("stride4", "stride8"), n_features=7, eps=0.01, device="cpu", batch_size=4).fit(
+        ImageList(images)
+    )
+    extractor = FakeExtractor(["stride4", "stride8"])
+    stack = torch.stack(images)
+    f4, f8 = (v.double() for v in extractor(stack).values())
+    fused = torch.cat([f4, F.interpolate(f8, size=f4.shape[-2:], mode="bilinear", align_corners=False)], 1)
+    chosen = fused[:, model.channel_index].flatten(2).numpy()  # (N, k, P)
+    assert len(model.channel_index) == 7 and model.grid == (8, 12)
+    for p in (0, 17, 95):
+        x = chosen[:, :, p]
+        cov = np.cov(x, rowvar=False, ddof=1) + 0.01 * np.eye(7)
+        np.testing.assert_allclose(model.mean[p].numpy(), x.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(model.inv_cov[p].numpy(), np.linalg.inv(cov), rtol=1e-3, atol=1e-3)
+    # A test image's patch score is its Mahalanobis distance at the training grid's position.
+    test = _images(1, 32, 48, seed=9)[0][None]
+    scores, maps = model.predict(test)
+    assert maps.shape == (1, 32, 48) and scores[0] == pytest.approx(maps[0].max())
+
+
+def test_padim_refuses_mixed_sizes(fake_backbone):
+    with pytest.raises(ThreecadError, match="resize 'squash'"):
+        PaDiM(device="cpu", batch_size=1).fit(ImageList(_images(2, 32, 32) + _images(2, 48, 32)))
+    model = PaDiM(device="cpu").fit(ImageList(_images(3, 32, 32)))
+    with pytest.raises(ThreecadError, match="feature grid"):
+        model.predict(torch.rand(1, 3, 64, 64))
+
+
+# ---------------------------------------------------------------------------- PatchCore behaviour
+def test_patchcore_scores_are_nearest_bank_distances(fake_backbone):
+    model = PatchCore(device="cpu", coreset_ratio=0.5, sigma=0.0).fit(ImageList(_images(4, 48, 48)))
+    test = torch.stack(_images(2, 48, 48, seed=4))
+    patches = model.embed(test)
+    ref = cdist(patches.reshape(-1, patches.shape[-1]).double().numpy(), model.memory_bank.double().numpy()).min(1)
+    scores, maps = model.predict(test)
+    np.testing.assert_allclose(scores, ref.reshape(2, -1).max(1), rtol=1e-4)
+    assert maps.shape == (2, 48, 48)
+
+
+def test_patchcore_reweighting_follows_the_formula(fake_backbone):
+    model = PatchCore(device="cpu", coreset_ratio=1.0, reweight=True, reweight_neighbors=3)
+    model.fit(ImageList(_images(3, 32, 32)))
+    plain = PatchCore(device="cpu", coreset_ratio=1.0)
+    plain.load_state_dict(model.state_dict())
+    test = torch.stack(_images(1, 32, 32, seed=8))
+    reweighted, _ = model.predict(test)
+    raw, _ = plain.predict(test)
+    patches = model.embed(test)[0].reshape(-1, model.memory_bank.shape[1]).double().numpy()
+    bank = model.memory_bank.double().numpy()
+    d = cdist(patches, bank)
+    worst = d.min(1).argmax()
+    star = d[worst].argmin()
+    hood = np.argsort(cdist(bank[[star]], bank)[0])[:4]
+    weight = 1 - np.exp(d[worst, star]) / np.exp(d[worst, hood]).sum()
+    assert reweighted[0] == pytest.approx(raw[0] * weight, rel=1e-4)
+    assert 3 / 4 <= weight < 1
+
+
+@pytest.mark.parametrize("name", ["patchcore", "padim"])
+def test_save_load_round_trip_gives_identical_predictions(fake_backbone, tmp_path, name):
+    config = {"device": "cpu", "layers": ["stride8", "stride16"]}
+    if name == "padim":
+        config["n_features"] = 6
+    model = build(name, **config).fit(ImageList(_images(5, 40, 56)))
+    test = torch.stack(_images(3, 40, 56, seed=11))
+    scores, maps = model.predict(test)
+    model.save(tmp_path / "run")
+    loaded = load_method(tmp_path / "run")
+    assert loaded.get_config() == model.get_config()
+    scores2, maps2 = loaded.predict(test)
+    np.testing.assert_array_equal(scores, scores2)
+    np.testing.assert_array_equal(maps, maps2)
+    assert maps.dtype == np.float32 and scores.shape == (3,) and maps.shape == (3, 40, 56)
+
+
+def test_patchcore_maps_follow_non_square_inputs(fake_backbone):
+    model = PatchCore(device="cpu").fit(ImageList(_images(3, 48, 80) + _images(2, 64, 40)))
+    for shape in ((48, 80), (64, 40)):
+        _, maps = model.predict(torch.rand(2, 3, *shape))
+        assert maps.shape == (2, *shape)
+
+
+# ---------------------------------------------------------------------------- real backbone on synthetic defects
+@pytest.mark.parametrize("name", ["patchcore", "padim"])
+def test_real_backbone_detects_synthetic_defects(synth_root, name):
+    category = "Aluminum_Camera_Cover"
+    model = build(name, device="cpu").fit(AnomalyDataset(synth_root, category, "train", size=128))
+    test = AnomalyDataset(synth_root, category, "test", size=128)
+    items = [test[i] for i in range(len(test))]
+    scores, maps = model.predict(torch.stack([it["image"] for it in items]))
+    labels = [it["label"] for it in items]
+    masks = torch.stack([it["mask"][0] for it in items]).numpy().astype(bool)
+    assert roc_auc_score(labels, scores) >= 0.8
+    assert roc_auc_score(masks.ravel(), maps.ravel()) >= 0.8

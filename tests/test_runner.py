@@ -1,0 +1,139 @@
+"""train/predict runners and their CLI, end to end on the synthetic dataset with the real backbone."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import baselines.runner as runner
+from cli import cli
+from threecad.errors import ThreecadError
+from threecad.io import image_size
+from threecad.layout import list_samples
+from threecad.maps import find_map, read_map
+
+CATEGORY = "Aluminum_Ipad"
+SMALL = ["--size", "64", "--set", "coreset_ratio=0.2"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(synth_root, tmp_path_factory):
+    """One PatchCore run trained and predicted through the CLI (shared by the checks below)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    result = CliRunner().invoke(cli, ["train", "--method", "patchcore", "--dataset", str(synth_root),
+                                      "--category", CATEGORY, "--out", str(tmp / "runs"), "--device", "cpu",
+                                      "--resize", "aspect", *SMALL])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["predict", "--run", str(tmp / "runs"), "--dataset", str(synth_root),
+                                      "--out", str(tmp / "pred"), "--dtype", "float16"])
+    assert result.exit_code == 0, result.output
+    return tmp
+
+
+def test_cli_train_writes_a_complete_run_folder(cli_run, synth_root):
+    run = cli_run / "runs" / CATEGORY
+    assert {p.name for p in run.iterdir()} >= {"config.json", "weights.pt", "run.json"}
+    info = json.loads((run / "run.json").read_text())
+    assert info["category"] == CATEGORY and info["size"] == 64 and info["resize"] == "aspect"
+    assert info["train_images"] == len(list_samples(synth_root, CATEGORY, "train"))
+    config = json.loads((run / "config.json").read_text())
+    assert config["method"] == "patchcore" and config["config"]["coreset_ratio"] == 0.2
+
+
+def test_cli_predict_writes_native_size_maps_and_scores(cli_run, synth_root):
+    pred = cli_run / "pred"
+    samples = list_samples(synth_root, CATEGORY, "test")
+    for sample in samples:
+        path = find_map(pred, CATEGORY, sample.defect, sample.stem)
+        assert path is not None and path.suffix == ".tiff"
+        array = read_map(path)
+        width, height = image_size(sample.image_path)
+        assert array.shape == (height, width) and array.dtype == np.float16
+    with open(pred / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(r["path"] for r in rows) == sorted(s.relpath for s in samples)
+    assert {r["category"] for r in rows} == {CATEGORY}
+
+
+def test_predictions_pass_the_evaluator(cli_run, synth_root):
+    metrics = pytest.importorskip("threecad.metrics")
+    result = metrics.evaluate_predictions(synth_root, cli_run / "pred", categories=[CATEGORY])
+    scores = result["categories"][CATEGORY]
+    assert scores["i_auroc"] > 0.7 and scores["p_auroc"] > 0.7
+    if "evaluate" in cli.commands:
+        out = CliRunner().invoke(cli, ["evaluate", "--dataset", str(synth_root), "--predictions",
+                                       str(cli_run / "pred"), "--categories", CATEGORY])
+        assert out.exit_code == 0, out.output
+
+
+def test_python_api_padim_and_merged_scores(synth_root, tmp_path, monkeypatch):
+    opened = []
+    original = runner.AnomalyDataset
+
+    def spy(root, category, split, *args, **kwargs):
+        opened.append(split)
+        return original(root, category, split, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "AnomalyDataset", spy)
+    runs = runner.train("padim", synth_root, "all", out=tmp_path / "runs", device="cpu", size=64)
+    assert "test" not in opened  # training never opens the test split
+    assert [r.name for r in runs] == ["Aluminum_Camera_Cover", "Aluminum_Ipad"]
+    runner.predict(runs[0], synth_root, tmp_path / "pred")
+    runner.predict(runs[1], synth_root, tmp_path / "pred")  # a second call adds its rows
+    with open(tmp_path / "pred" / "scores.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    expected = sum(len(list_samples(synth_root, r.name, "test")) for r in runs)
+    assert len(rows) == expected and {r["category"] for r in rows} == {r.name for r in runs}
+
+
+def test_same_seed_same_predictions(synth_root, tmp_path):
+    for name in ("a", "b"):
+        runs = runner.train("patchcore", synth_root, [CATEGORY], out=tmp_path / name, device="cpu", size=64,
+                            seed=3, config={"coreset_ratio": 0.1})
+        runner.predict(runs[0], synth_root, tmp_path / f"pred_{name}")
+    assert (tmp_path / "pred_a" / "scores.csv").read_bytes() == (tmp_path / "pred_b" / "scores.csv").read_bytes()
+
+
+def test_user_errors_are_one_line_exit_1(synth_root, tmp_path):
+    base = ["train", "--dataset", str(synth_root), "--out", str(tmp_path / "r"), "--device", "cpu"]
+    cases = [
+        (base + ["--method", "patchcore", "--category", "Nope"], "unknown category Nope"),
+        (base + ["--method", "patchcore", "--category", CATEGORY, "--set", "bogus=1"], "no option(s) bogus"),
+        (base + ["--method", "patchcore", "--category", CATEGORY, "--epochs", "3"], "no option(s) epochs"),
+        (base + ["--method", "nope", "--category", CATEGORY], "unknown method 'nope'"),
+        (["predict", "--run", str(tmp_path), "--dataset", str(synth_root), "--out", str(tmp_path / "p")],
+         "not a run folder"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()  # a rejected option writes nothing
+
+
+def test_methods_command_lists_both():
+    result = CliRunner().invoke(cli, ["methods"])
+    assert result.exit_code == 0
+    names = [line.split()[0] for line in result.output.splitlines()]
+    assert {"patchcore", "padim"} <= set(names)
+
+
+def test_categories_are_validated(synth_root):
+    with pytest.raises(ThreecadError, match="unknown category"):
+        runner.resolve_categories(synth_root, ["Aluminum_Ipad", "Missing"])
+    assert runner.resolve_categories(synth_root, "all") == runner.resolve_categories(synth_root, None)
+
+
+def test_demo_refuses_to_overwrite_and_unknown_sources(tmp_path):
+    from baselines.demo import run_demo
+
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(ThreecadError, match="--overwrite"):
+        run_demo(tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "x"
+    with pytest.raises(ThreecadError, match="unknown demo source"):
+        run_demo(tmp_path / "new", source="nope")

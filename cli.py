@@ -306,6 +306,16 @@ def methods_command() -> None:
         click.echo(f"{name:12s} {doc}")
 
 
+@cli.command("backbones")
+def backbones_command() -> None:
+    """List the backbones and whether their pretrained weights are available offline."""
+    from threecad.backbones import weights_status
+
+    for row in weights_status():
+        where = row["path"] if row["status"] == "found" else f"place {row['file']} at {row['path']}"
+        click.echo(f"{row['backbone']:20s} {row['status']:12s} {where}")
+
+
 @cli.command("train")
 @click.option("--method", required=True, help="Method name (see `3cad methods`).")
 @click.option("--dataset", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
@@ -315,7 +325,7 @@ def methods_command() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--size", default=256, show_default=True, help="Image side fed to the model.")
 @click.option("--resize", type=click.Choice(["squash", "aspect"]), default="squash", show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Random seed [the method's default: 0, or 42 for cfrg].")
 @click.option("--backbone", default=None, help="Backbone name (method option).")
 @click.option("--epochs", type=int, default=None, help="Training epochs (method option).")
 @click.option("--batch-size", type=int, default=None, help="Batch size (method option).")
@@ -373,18 +383,20 @@ def demo_command(out, overwrite, device) -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or a torch device such as cuda.")
 @click.option("--size", default=None, help="Evaluate at a declared WxH instead of the native size (mvtec).")
 @click.option("--curves", is_flag=True, help="Add downsampled ROC and PRO curves to the JSON.")
-def evaluate_cmd(dataset, predictions, protocol, categories, json_out, device, size, curves) -> None:
+@click.option("--image-scores", type=click.Choice(["auto", "map-max"]), default="auto", show_default=True,
+              help="auto: PREDICTIONS/scores.csv when present, else the max of each map; map-max: ignore scores.csv.")
+def evaluate_cmd(dataset, predictions, protocol, categories, json_out, device, size, curves, image_scores) -> None:
     """Score a predictions folder: I-AUROC, P-AUROC, AU-PRO, pixel AP, image and pixel F1-max."""
     from threecad.io import write_json
     from threecad.metrics import evaluate_predictions, format_table
 
     names = [name for item in categories for name in item.split(",") if name] or None
     result = evaluate_predictions(dataset, predictions, protocol=protocol, categories=names, device=device,
-                                  size=_parse_size(size) if size else None, curves=curves)
+                                  size=_parse_size(size) if size else None, curves=curves,
+                                  scores="auto" if image_scores == "auto" else None)
     if json_out is not None:
         write_json(json_out, result)
     click.echo(format_table(result))
-
 
 
 # --------------------------------------------------------------------------- leaderboard

@@ -12,8 +12,7 @@ to methods that use them.
 
 from __future__ import annotations
 
-import csv
-import io
+import inspect
 import json
 import logging
 import random
@@ -32,14 +31,13 @@ from threecad import __version__
 from threecad.data import AnomalyDataset
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
-from threecad.io import image_size, write_json, write_text
+from threecad.io import image_size, write_json
 from threecad.layout import list_categories, list_samples
-from threecad.maps import map_relpath, write_map
+from threecad.maps import SCORES_FILE, map_relpath, write_map, write_scores
 
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-SCORES_FILE = "scores.csv"
 
 
 def seed_everything(seed: int) -> None:
@@ -63,15 +61,27 @@ def resolve_categories(dataset: str | Path, categories: Sequence[str] | str | No
     return list(dict.fromkeys(categories))
 
 
-def _method_config(method: str, config: dict[str, Any] | None, device: str, seed: int) -> dict[str, Any]:
-    """User options plus device and seed where the method takes them (never overriding the user)."""
+def _method_config(method: str, config: dict[str, Any] | None, device: str, seed: int | None) -> dict[str, Any]:
+    """User options plus device and seed where the method takes them (never overriding the user).
+
+    ``seed=None`` keeps the method's own default (CFRG's is the paper's 42).
+    """
     keys = get_method(method).config_keys()
     merged = dict(config or {})
     if "device" in keys:
         merged.setdefault("device", device)
-    if "seed" in keys:
+    if "seed" in keys and seed is not None:
         merged.setdefault("seed", seed)
     return merged
+
+
+def _effective_seed(method: str, options: dict[str, Any], seed: int | None) -> int:
+    if "seed" in options:
+        return int(options["seed"])
+    if seed is not None:
+        return seed
+    default = inspect.signature(get_method(method).__init__).parameters.get("seed")
+    return int(default.default) if default is not None and isinstance(default.default, int) else 0
 
 
 def train(
@@ -82,7 +92,7 @@ def train(
     device: str = "auto",
     size: int = 256,
     resize: str = "squash",
-    seed: int = 0,
+    seed: int | None = None,
     config: dict[str, Any] | None = None,
     validation: bool | str = "auto",
 ) -> list[Path]:
@@ -96,6 +106,7 @@ def train(
     out = Path(out) if out is not None else Path("runs") / method
     resolve_device(device)  # a missing GPU is reported before any work
     options = _method_config(method, config, device, seed)
+    seed = _effective_seed(method, options, seed)
     build(method, **options)  # unknown options fail here, before any category is trained
     runs = []
     for category in cats:
@@ -209,21 +220,5 @@ def predict(
                 rows[(category, sample.relpath)] = float(score)
         log.info("%s: %d test images in %.1f s -> %s", category, len(test_set), time.perf_counter() - start,
                  out / category)
-    _write_scores(out / SCORES_FILE, rows)
+    write_scores(out / SCORES_FILE, rows)
     return out
-
-
-def _write_scores(path: Path, rows: dict[tuple[str, str], float]) -> None:
-    """Merge with an existing scores.csv (other categories stay), sorted, written atomically."""
-    merged: dict[tuple[str, str], float] = {}
-    if path.is_file():
-        with open(path, newline="") as handle:
-            for row in csv.DictReader(handle):
-                merged[(row["category"], row["path"])] = float(row["score"])
-    merged.update(rows)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["category", "path", "score"])
-    for (category, rel), score in sorted(merged.items()):
-        writer.writerow([category, rel, repr(score)])
-    write_text(path, buffer.getvalue())

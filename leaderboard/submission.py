@@ -39,11 +39,10 @@ from leaderboard.reported import FAMILY_ORDER
 from threecad.errors import ThreecadError
 from threecad.io import image_size, sha256_file
 from threecad.layout import Sample, list_categories, list_samples
-from threecad.maps import map_relpath
+from threecad.maps import SCORES_FILE, map_relpath
 from threecad.progress import progress
 
 META_FILE = "meta.json"
-SCORES_FILE = "scores.csv"
 MAP_SUFFIX = ".tiff"
 DTYPES = ("float16", "float32")
 META_KEYS = {

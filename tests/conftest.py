@@ -17,6 +17,7 @@ MAGNETIC_TILE = SHARED / "data" / "magnetic_tile"
 set_progress(False)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("THREECAD_OFFLINE", "1")  # no weight downloads in tests, ever
 
 
 @pytest.fixture(scope="session")

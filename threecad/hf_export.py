@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from PIL import Image
 from threecad.catalog import CATEGORY_FOLDERS, LICENSE_NOTE, canonical_category
 from threecad.data import collect_samples, image_metadata, read_mask
 from threecad.errors import ThreecadError
+from threecad.io import check_output_dir, staged_dir
 from threecad.layout import GOOD, SPLITS, Sample
 from threecad.progress import progress
 
@@ -172,8 +172,7 @@ def export_hf(
     import datasets
 
     root, out = Path(root), Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ThreecadError("output folder is not empty; pass --overwrite to replace it", out)
+    check_output_dir(out, overwrite)
     if out.resolve().is_relative_to(root.resolve()):
         raise ThreecadError("the export folder must be outside the dataset folder", out)
     cats = categories or None
@@ -186,10 +185,8 @@ def export_hf(
     feats = features(names)
     meta = image_metadata(root, metadata)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     result = ExportResult(out)
-    try:
+    with staged_dir(out) as tmp:
         built = {}
         progress_was = datasets.utils.logging.is_progress_bar_enabled()
         datasets.utils.logging.disable_progress_bar()
@@ -221,12 +218,6 @@ def export_hf(
                 datasets.utils.logging.enable_progress_bar()
         _card(result.shards, result.rows, names, present, root).save(str(tmp / "README.md"))
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported %s to %s", ", ".join(f"{k} {v}" for k, v in result.rows.items()), out)
     return result
 

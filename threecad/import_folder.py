@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,7 +30,16 @@ import numpy as np
 
 from threecad.data import read_mask, tabular_frame
 from threecad.errors import ThreecadError
-from threecad.io import atomic_write, image_size, read_image, save_image, sha256_file, write_json
+from threecad.io import (
+    atomic_write,
+    check_output_dir,
+    image_size,
+    read_image,
+    save_image,
+    sha256_file,
+    staged_dir,
+    write_json,
+)
 from threecad.layout import GOOD, IMAGE_SUFFIXES, MVTEC_SUFFIX, Sample
 from threecad.progress import progress
 
@@ -174,8 +182,7 @@ def import_folder(
         raise ThreecadError("source folder not found", src)
     if "/" in category or category in ("", ".", ".."):
         raise ThreecadError(f"invalid category name {category!r}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ThreecadError("output folder is not empty; pass --overwrite to replace it", out)
+    check_output_dir(out, overwrite)
 
     classes = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     normals = [c for c in classes if c.name.lower() in normal_names]
@@ -249,9 +256,7 @@ def import_folder(
             raise ThreecadError(f"two source images map to {rel.as_posix()} (also {other}); rename one", item.image)
         names[item.image] = rel
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         samples: list[Sample] = []
         for item in progress(kept, desc="import"):
             target = tmp / names[item.image]
@@ -273,12 +278,6 @@ def import_folder(
                     "strip_prefix": strip_prefix, "lowercase": lowercase, "mask_threshold": mask_threshold,
                     "train_fraction": train_fraction, "validation_fraction": validation_fraction}
         write_json(tmp / "import.json", asdict(report) | {"settings": settings, "out": str(out)})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report.out = str(out)
     log.info("imported %d images into %s", len(kept), out / category)
     return report

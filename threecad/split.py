@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from threecad.errors import ThreecadError
+from threecad.io import check_output_dir
 from threecad.layout import GOOD, list_categories, list_samples
 from threecad.manifest import read_manifest, write_manifest
 from threecad.progress import progress
@@ -158,9 +159,8 @@ def split_dataset(
         raise ThreecadError(f"materialize must be none, hardlink or copy, got {materialize!r}")
     pool, base = load_pool(source)
     out = Path(out)
+    check_output_dir(out, overwrite)
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ThreecadError("output folder is not empty; pass --overwrite to replace it", out)
         if base.resolve() == out.resolve() or out.resolve() in base.resolve().parents:
             raise ThreecadError("refusing to overwrite the folder the pool comes from", out)
         shutil.rmtree(out)

@@ -17,7 +17,7 @@ import numpy as np
 
 from threecad.catalog import CATEGORY_FOLDERS
 from threecad.errors import ThreecadError
-from threecad.io import save_image, write_json
+from threecad.io import check_output_dir, save_image, write_json
 from threecad.layout import GOOD, mask_name
 from threecad.progress import progress
 from threecad.synth.surface import (
@@ -95,9 +95,8 @@ def make_synthetic_dataset(
     if not 1 <= cfg.categories <= len(CATEGORY_FOLDERS):
         raise ThreecadError(f"--categories must be between 1 and {len(CATEGORY_FOLDERS)}, got {cfg.categories}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ThreecadError("output folder is not empty; pass --overwrite to replace it", out)
+    check_output_dir(out, overwrite)
+    if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     info: dict[str, list[dict]] = {}

@@ -87,15 +87,24 @@ def rank_device(device: torch.device, world: int) -> torch.device:
 
 # ------------------------------------------------------------------------------------------- RNG state
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as plain Python values and tensors, so checkpoints load with
+    ``torch.load(weights_only=True)`` (no arbitrary unpickling when resuming)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -158,9 +167,9 @@ def save_checkpoint(path: Path, net: CFRGNet, optimizer, scheduler, scaler, epoc
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Full unpickling (RNG states hold numpy objects): only resume from run folders you wrote."""
+    """Tensors and plain values only (``weights_only=True``): a checkpoint cannot run code."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001
         raise ThreecadError(f"unreadable checkpoint ({exc.__class__.__name__}: {exc}); delete it to start over",
                             path) from None

@@ -150,6 +150,10 @@ def make_loader(data: SyntheticAnomalyDataset, config: TrainConfig, epoch: int, 
     )
 
 
+#: Options that may change between an interrupted run and its resumption without changing results.
+RESUME_FREE = frozenset({"workers"})
+
+
 def save_checkpoint(path: Path, net: CFRGNet, optimizer, scheduler, scaler, epoch: int, history: list,
                     config: TrainConfig) -> None:
     state = {
@@ -228,6 +232,15 @@ def train(
     checkpoint = Path(work_dir) / CHECKPOINT_FILE if work_dir is not None else None
     if resume and checkpoint is not None and checkpoint.is_file():
         state = load_checkpoint(checkpoint)
+        saved, now = state.get("config", {}), asdict(config)
+        changed = sorted(k for k in now if k not in RESUME_FREE and saved.get(k, now[k]) != now[k])
+        if changed:
+            raise ThreecadError(
+                "checkpoint was written with other settings ("
+                + ", ".join(f"{k}: {saved[k]!r} -> {now[k]!r}" for k in changed)
+                + "); resume with the same options or start a new run folder",
+                checkpoint,
+            )
         net.load_trainable_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -20,8 +20,9 @@ from scipy.ndimage import gaussian_filter
 from cfrg.infer import anomaly_maps
 from cfrg.losses import cfrg_losses, distillation_loss, recovery_loss, segmentation_loss
 from cfrg.model import CFRGNet, Teacher, build_teacher, count_parameters
-from cfrg.train import TrainConfig, make_optimizer, make_scheduler, train
+from cfrg.train import CHECKPOINT_FILE, TrainConfig, make_optimizer, make_scheduler, train
 from threecad.anomalies import SyntheticAnomalyDataset
+from threecad.errors import ThreecadError
 
 
 class _Images(torch.utils.data.Dataset):
@@ -257,6 +258,13 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(lite_teacher, tmp_pat
     assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
     log_rows = (tmp_path / "split" / "train_log.jsonl").read_text().splitlines()
     assert len(log_rows) == 3 and full[0]["loss"] != full[2]["loss"]
+    # Resuming with other settings would silently mix two runs: refused, checkpoint untouched.
+    before = (tmp_path / "split" / CHECKPOINT_FILE).read_bytes()
+    with pytest.raises(ThreecadError, match="lr: 0.0005 -> 0.001"):
+        train(_lite_net(lite_teacher, seed=11), SyntheticAnomalyDataset(_Images(4), seed=11),
+              TrainConfig(epochs=3, batch_size=2, seed=11, lr=1e-3), torch.device("cpu"), tmp_path / "split",
+              resume=True)
+    assert (tmp_path / "split" / CHECKPOINT_FILE).read_bytes() == before
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:

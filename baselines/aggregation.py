@@ -4,7 +4,9 @@ PatchCore describes each feature-map position by its local neighbourhood: featur
 a ``k x k`` window (stride 1, so the resolution is kept), which adds context without the blur of a
 deeper layer. Deeper stages are upsampled (bilinear) to the finest stage's grid and concatenated.
 Anomaly maps are upsampled to the input resolution and smoothed with a Gaussian (sigma 4 pixels),
-as both papers do.
+as both papers do. An image's score is its map's maximum (both papers) or, with ``topk``, the mean
+of the map's highest ``topk`` fraction of pixels: one extreme pixel of a normal image (a rare but
+normal structure) then weighs less than a defect that raises a whole region.
 """
 
 from __future__ import annotations
@@ -68,3 +70,15 @@ def upsample_maps(patch_maps: torch.Tensor, size: tuple[int, int], sigma: float 
     """(B, h, w) patch scores -> (B, H, W) at ``size`` (bilinear), then Gaussian-smoothed."""
     maps = F.interpolate(patch_maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
     return gaussian_blur(maps, sigma)
+
+
+def top_fraction_mean(maps: torch.Tensor, topk: float = 0.0) -> torch.Tensor:
+    """Image scores (B,) of (B, H, W) maps: the maximum (``topk`` <= 0), else the mean of the top
+    ``max(1, round(topk * H * W))`` pixels of each map."""
+    flat = maps.flatten(1)
+    if topk <= 0:
+        return flat.amax(1)
+    if topk > 1:
+        raise ValueError(f"topk is a fraction of the map's pixels in [0, 1], got {topk}")
+    k = max(1, int(round(topk * flat.shape[1])))
+    return flat.topk(k, dim=1).values.mean(1)

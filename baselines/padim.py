@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from baselines import features as _features
-from baselines.aggregation import combine_stages, upsample_maps
+from baselines.aggregation import combine_stages, top_fraction_mean, upsample_maps
 from baselines.base import Method, register
 from baselines.batching import iter_batches
 from threecad.device import resolve_device
@@ -54,6 +54,8 @@ class PaDiM(Method):
         Ridge added to every covariance diagonal (0.01 in the paper).
     sigma:
         Gaussian smoothing of the full-resolution maps.
+    topk:
+        Image score: the map's maximum (0, the paper) or the mean of its top ``topk`` fraction.
     batch_size, device, seed:
         Run-time settings and the channel-selection seed.
     """
@@ -68,6 +70,7 @@ class PaDiM(Method):
         n_features: int | None = 100,
         eps: float = 0.01,
         sigma: float = 4.0,
+        topk: float = 0.0,
         batch_size: int = 16,
         device: str = "auto",
         seed: int = 0,
@@ -78,11 +81,14 @@ class PaDiM(Method):
         self.n_features = n_features
         self.eps = float(eps)
         self.sigma = float(sigma)
+        self.topk = float(topk)
         self.batch_size = int(batch_size)
         self.device = device
         self.seed = int(seed)
         if not self.layers:
             raise ThreecadError("PaDiM needs at least one backbone layer")
+        if not 0.0 <= self.topk <= 1.0:
+            raise ThreecadError(f"topk must be a fraction in [0, 1] (0 = maximum), got {topk}")
         if self.eps < 0:
             raise ThreecadError(f"eps must be >= 0, got {eps}")
         self.mean: torch.Tensor | None = None
@@ -164,7 +170,8 @@ class PaDiM(Method):
         x = fused[:, self.channel_index.to(device)].flatten(2).transpose(1, 2)  # (B, P, k)
         scores = mahalanobis(x, self.mean, self.inv_cov).reshape(b, h, w)
         maps = upsample_maps(scores, tuple(images.shape[-2:]), self.sigma)
-        return maps.flatten(1).amax(1).cpu().numpy().astype(np.float32), maps.cpu().numpy().astype(np.float32)
+        scores = top_fraction_mean(maps, self.topk)
+        return scores.cpu().numpy().astype(np.float32), maps.cpu().numpy().astype(np.float32)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.mean is None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from baselines.aggregation import top_fraction_mean
 from cfrg.model import channel_cosine
 from threecad.errors import ThreecadError
 
@@ -54,17 +55,9 @@ def smooth(maps: np.ndarray, sigma: float = 4.0) -> np.ndarray:
     return np.stack([gaussian_filter(m.astype(np.float64), sigma=sigma) for m in maps]).astype(np.float32)
 
 
-def image_scores(maps: np.ndarray, topk: float = 0.0) -> np.ndarray:
-    """Max of each map (``topk`` = 0), or the mean of its top ``topk`` fraction of pixels."""
-    flat = maps.reshape(maps.shape[0], -1)
-    if topk <= 0:
-        return flat.max(axis=1)
-    k = max(1, int(round(topk * flat.shape[1])))
-    return np.sort(flat, axis=1)[:, -k:].mean(axis=1)
-
-
 def anomaly_maps(outputs: dict, size: tuple[int, int], terms: Sequence[str] = OFFICIAL_TERMS,
                  sigma: float = 4.0, topk: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(scores (B,), maps (B, H, W)) as float32 numpy arrays."""
     maps = smooth(raw_map(outputs, size, terms).detach().cpu().numpy(), sigma)
-    return image_scores(maps, topk).astype(np.float32), maps
+    scores = top_fraction_mean(torch.from_numpy(maps), topk).numpy()
+    return scores.astype(np.float32), maps

@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 import baselines.features as features_module
 from baselines import available, build, load_method
-from baselines.aggregation import gaussian_blur, local_aggregate
+from baselines.aggregation import gaussian_blur, local_aggregate, top_fraction_mean
 from baselines.coreset import greedy_coreset
 from baselines.knn import nearest_neighbors
 from baselines.padim import PaDiM, mahalanobis
@@ -266,3 +266,29 @@ def test_real_backbone_detects_synthetic_defects(synth_root, name):
     masks = torch.stack([it["mask"][0] for it in items]).numpy().astype(bool)
     assert roc_auc_score(labels, scores) >= 0.8
     assert roc_auc_score(masks.ravel(), maps.ravel()) >= 0.8
+
+
+def test_top_fraction_mean_matches_a_sort():
+    maps = torch.randn(3, 7, 9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(top_fraction_mean(maps, 0), maps.flatten(1).max(1).values)
+    for fraction in (0.01, 0.1, 0.5, 1.0):
+        k = max(1, round(fraction * 63))
+        expected = torch.tensor([sorted(m.flatten().tolist())[-k:] for m in maps]).mean(1)
+        assert torch.allclose(top_fraction_mean(maps, fraction), expected)
+    with pytest.raises(ValueError):
+        top_fraction_mean(maps, 2.0)
+
+
+@pytest.mark.parametrize("name", ["patchcore", "padim"])
+def test_topk_image_score_is_the_mean_of_the_top_map_pixels(name, synth_root):
+    train = AnomalyDataset(synth_root, "Aluminum_Ipad", "train", size=64)
+    test = AnomalyDataset(synth_root, "Aluminum_Ipad", "test", size=64)
+    images = torch.stack([test[i]["image"] for i in range(4)])
+    options = {"coreset_ratio": 0.5} if name == "patchcore" else {}
+    method = build(name, device="cpu", topk=0.05, **options).fit(train)
+    scores, maps = method.predict(images)
+    k = round(0.05 * 64 * 64)
+    expected = np.sort(maps.reshape(4, -1), axis=1)[:, -k:].mean(1)
+    assert np.allclose(scores, expected, rtol=1e-5)
+    with pytest.raises(ThreecadError, match="topk"):
+        build(name, topk=1.5)

@@ -325,6 +325,8 @@ def backbones_command() -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--size", default=256, show_default=True, help="Image side fed to the model.")
 @click.option("--resize", type=click.Choice(["squash", "aspect"]), default="squash", show_default=True)
+@click.option("--exposure", type=click.Choice(["raw", "mean"]), default="raw", show_default=True,
+              help="mean: scale each image to one mean intensity (frames shot at different exposures).")
 @click.option("--seed", type=int, default=None, help="Random seed [the method's default: 0, or 42 for cfrg].")
 @click.option("--backbone", default=None, help="Backbone name (method option).")
 @click.option("--epochs", type=int, default=None, help="Training epochs (method option).")
@@ -332,8 +334,8 @@ def backbones_command() -> None:
 @click.option("--teacher", default=None, help="Teacher network (method option).")
 @click.option("--resume", is_flag=True, default=None, help="Resume from the run folder's checkpoint (method option).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other method option (repeatable).")
-def train_command(method, dataset, categories, out, device, size, resize, seed, backbone, epochs, batch_size,
-                  teacher, resume, settings) -> None:
+def train_command(method, dataset, categories, out, device, size, resize, exposure, seed, backbone, epochs,
+                  batch_size, teacher, resume, settings) -> None:
     """Fit a method on the train/good images of each category; one run folder per category."""
     from baselines.runner import train
 
@@ -341,7 +343,7 @@ def train_command(method, dataset, categories, out, device, size, resize, seed, 
     named = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "teacher": teacher, "resume": resume}
     config.update({k: v for k, v in named.items() if v is not None})
     runs = train(method, dataset, list(categories), out=out, device=device, size=size, resize=resize, seed=seed,
-                 config=config)
+                 config=config, exposure=exposure)
     for run in runs:
         click.echo(f"wrote {run}")
 
@@ -354,11 +356,15 @@ def train_command(method, dataset, categories, out, device, size, resize, seed, 
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
 @click.option("--device", default=None, help="Override the run's device (auto, cpu, cuda).")
 @click.option("--batch-size", default=16, show_default=True)
-def predict_command(run, dataset, out, dtype, device, batch_size) -> None:
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="Override an inference option of the saved run (e.g. topk=0.03, sigma=2; repeatable).")
+def predict_command(run, dataset, out, dtype, device, batch_size, settings) -> None:
     """Write anomaly maps (native size, submission layout) and scores.csv for the test split."""
     from baselines.runner import predict
 
-    click.echo(f"wrote {predict(run, dataset, out, dtype=dtype, batch_size=batch_size, device=device)}")
+    written = predict(run, dataset, out, dtype=dtype, batch_size=batch_size, device=device,
+                      config=_parse_set(settings))
+    click.echo(f"wrote {written}")
 
 
 @cli.command("demo")
@@ -491,6 +497,8 @@ def leaderboard_table(store, metric, pair, protocol, fmt, source, out) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--size", default=256, show_default=True, help="Image side fed to the model.")
 @click.option("--resize", type=click.Choice(["squash", "aspect"]), default="squash", show_default=True)
+@click.option("--exposure", type=click.Choice(["raw", "mean"]), default="raw", show_default=True,
+              help="mean: scale each image to one mean intensity (frames shot at different exposures).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
 @click.option("--warmup", default=3, show_default=True, help="Untimed batch-1 passes before timing.")
@@ -498,14 +506,14 @@ def leaderboard_table(store, metric, pair, protocol, fmt, source, out) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for run folders and maps [~/.threecad/runs/<run id>].")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Method option (repeatable).")
-def leaderboard_run(method, dataset, categories, store, device, size, resize, seed, dtype, warmup, timed, out,
-                    settings) -> None:
+def leaderboard_run(method, dataset, categories, store, device, size, resize, exposure, seed, dtype, warmup, timed,
+                    out, settings) -> None:
     """Standardized run: fit, predict, evaluate (both protocols) and time per category; resumable."""
     from leaderboard.runs import standardized_run
 
     summary = standardized_run(method, dataset, _names(categories), store=store, out=out, device=device, size=size,
                                resize=resize, seed=seed, config=_parse_set(settings), dtype=dtype, warmup=warmup,
-                               timed=timed)
+                               timed=timed, exposure=exposure)
     click.echo(summary.text())
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from baselines.base import CONFIG_FILE, build, get_method, load_method
 from baselines.batching import iter_batches
 from threecad import __version__
-from threecad.data import AnomalyDataset
+from threecad.data import AnomalyDataset, check_exposure
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
 from threecad.io import image_size, write_json
@@ -95,13 +95,17 @@ def train(
     seed: int | None = None,
     config: dict[str, Any] | None = None,
     validation: bool | str = "auto",
+    exposure: str = "raw",
 ) -> list[Path]:
     """Fit ``method`` on the ``train/good`` images of each category; returns the run folders.
 
     ``out`` defaults to ``runs/<method>``. ``validation``: ``"auto"`` passes ``validation/good`` to
     the method when the dataset has it, ``True`` requires it, ``False`` never passes it.
+    ``exposure``: ``"mean"`` normalises each image's mean intensity (:func:`threecad.data.normalize_exposure`);
+    it is recorded in ``run.json`` and applied again by :func:`predict`.
     """
     dataset = Path(dataset)
+    check_exposure(exposure)
     cats = resolve_categories(dataset, categories)
     out = Path(out) if out is not None else Path("runs") / method
     resolve_device(device)  # a missing GPU is reported before any work
@@ -113,13 +117,13 @@ def train(
         seed_everything(seed)
         run_dir = out / category
         start = time.perf_counter()
-        train_set = AnomalyDataset(dataset, category, "train", size=size, resize=resize)
+        train_set = AnomalyDataset(dataset, category, "train", size=size, resize=resize, exposure=exposure)
         val_set = None
         has_val = bool(list_samples(dataset, category, "validation"))
         if validation is True and not has_val:
             raise ThreecadError(f"no validation/good images for category {category!r}", dataset / category)
         if validation and has_val:
-            val_set = AnomalyDataset(dataset, category, "validation", size=size, resize=resize)
+            val_set = AnomalyDataset(dataset, category, "validation", size=size, resize=resize, exposure=exposure)
         model = build(method, **options)
         run_dir.mkdir(parents=True, exist_ok=True)
         model.work_dir = run_dir
@@ -134,6 +138,7 @@ def train(
             "category": category,
             "size": size,
             "resize": resize,
+            "exposure": exposure,
             "seed": seed,
             "device": str(resolve_device(device)),
             "train_images": len(train_set),
@@ -165,7 +170,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         raise ThreecadError(f"unreadable {RUN_FILE} ({exc})", run_dir) from None
 
 
-def _native_maps(maps: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+def native_size_maps(maps: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
     """Each (h, w) map resized (bilinear) back to its image's native (width, height)."""
     out = []
     tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
@@ -184,12 +189,17 @@ def predict(
     dtype: str = "float32",
     batch_size: int = 16,
     device: str | None = None,
+    config: dict[str, Any] | None = None,
 ) -> Path:
     """Score the test split of each run's category; writes maps and ``scores.csv`` under ``out``.
 
-    Images are fed at the run's size and resize mode; maps are resized back to each image's native
-    size. ``scores.csv`` (category, path below the category, score) covers every category predicted
-    so far in ``out``: rows of other categories already there are kept.
+    ``config`` overrides options of the saved method that act at inference (``topk``, ``sigma``,
+    CFRG's ``map_terms``), so a scoring choice can change without training again; an option the
+    method lacks is an error naming the valid ones.
+
+    Images are fed at the run's size, resize mode and exposure mode; maps are resized back to each
+    image's native size. ``scores.csv`` (category, path below the category, score) covers every
+    category predicted so far in ``out``: rows of other categories already there are kept.
     """
     if dtype not in ("float16", "float32"):
         raise ThreecadError(f"--dtype must be float16 or float32, not {dtype}")
@@ -204,17 +214,18 @@ def predict(
         category = info["category"]
         if category not in present:
             raise ThreecadError(f"run {run_dir} is for category {category!r}, which the dataset lacks", dataset)
-        overrides = {}
+        overrides = dict(config or {})
         if device is not None and "device" in json.loads((run_dir / CONFIG_FILE).read_text())["config"]:
             overrides["device"] = device
         method = load_method(run_dir, **overrides)
-        test_set = AnomalyDataset(dataset, category, "test", size=info["size"], resize=info["resize"])
+        test_set = AnomalyDataset(dataset, category, "test", size=info["size"], resize=info["resize"],
+                                  exposure=info.get("exposure", "raw"))
         by_path = {str(s.image_path): s for s in test_set.samples}
         start = time.perf_counter()
         for images, items in iter_batches(test_set, batch_size, desc=f"predict {category}"):
             scores, maps = method.predict(images)
             samples = [by_path[item["path"]] for item in items]
-            native = _native_maps(maps, [image_size(s.image_path) for s in samples])
+            native = native_size_maps(maps, [image_size(s.image_path) for s in samples])
             for sample, score, amap in zip(samples, scores, native):
                 write_map(out / map_relpath(category, sample.defect, sample.stem), amap, dtype=dtype)
                 rows[(category, sample.relpath)] = float(score)

@@ -209,6 +209,7 @@ def standardized_run(
     seed: int = 0,
     config: dict[str, Any] | None = None,
     dtype: str = "float32",
+    exposure: str = "raw",
     warmup: int = 3,
     timed: int = 20,
     eval_device: str = "cpu",
@@ -230,7 +231,7 @@ def standardized_run(
     fingerprint = dataset_fingerprint(dataset)
     settings = {
         "kind": "standardized-run", "method": method, "config": config or {}, "seed": seed, "size": size,
-        "resize": resize, "dtype": dtype, "dataset_fingerprint": fingerprint, "device": torch_device.type,
+        "resize": resize, "exposure": exposure, "dtype": dtype, "dataset_fingerprint": fingerprint, "device": torch_device.type,
         "gpu": hardware.get("gpu"), "warmup": warmup, "timed": timed,
     }
     sha = run_identity(settings)
@@ -251,14 +252,14 @@ def standardized_run(
                 summary.skipped.append(category)
                 continue
             run_dirs = runner.train(method, dataset, [category], out=out / "runs", device=str(torch_device),
-                                    size=size, resize=resize, seed=seed, config=config)
+                                    size=size, resize=resize, seed=seed, config=config, exposure=exposure)
             run_dir = run_dirs[0]
             runner.predict(run_dir, dataset, out / "maps", dtype=dtype, device=str(torch_device))
             results = {p: evaluate_tree(out / "maps", dataset, p, [category], device=eval_device)
                        for p in PROTOCOLS}
             model = load_method(run_dir, **({"device": str(torch_device)}
                                             if "device" in get_method(method).config_keys() else {}))
-            test_set = AnomalyDataset(dataset, category, "test", size=size, resize=resize)
+            test_set = AnomalyDataset(dataset, category, "test", size=size, resize=resize, exposure=exposure)
             images = [test_set[i]["image"] for i in range(min(len(test_set), warmup + timed))]
             timing = time_inference(model, images, torch_device, warmup, timed)
             fit_s = runner.read_run(run_dir).get("timings", {}).get("fit_s")

@@ -11,10 +11,12 @@ import torch
 from PIL import Image
 
 from threecad.data import (
+    EXPOSURE_TARGET,
     AnomalyDataset,
     collect_samples,
     image_metadata,
     iter_samples,
+    normalize_exposure,
     read_mask,
     samples_from_manifest,
     tabular_frame,
@@ -193,3 +195,38 @@ def test_preprocess_manifest_format_loads(synth_root, tmp_path):
                          "box": [i, 2 * i, i + 10, 2 * i + 10]}
     dataset = AnomalyDataset(inside / "manifest.parquet", cat, "test", size=32)
     assert len(dataset) == sum(s.split == "test" for s in samples)
+
+
+def test_normalize_exposure_removes_a_global_gain():
+    rng = np.random.default_rng(0)
+    dark = rng.uniform(0.1, 0.3, (32, 48, 3)).astype(np.float32)
+    bright = dark * 1.8  # the same surface at a longer exposure (no clipping)
+    a, b = normalize_exposure(dark), normalize_exposure(bright)
+    assert a.dtype == np.float32 and np.allclose(a, b, atol=1e-6)
+    assert a.mean() == pytest.approx(EXPOSURE_TARGET, rel=1e-5)
+    # local contrast is kept: the ratio of two pixels does not change
+    assert a[3, 5, 0] / a[7, 9, 0] == pytest.approx(dark[3, 5, 0] / dark[7, 9, 0], rel=1e-5)
+    as_uint8 = normalize_exposure(np.round(dark * 255).astype(np.uint8))
+    assert as_uint8.dtype == np.uint8 and abs(as_uint8.mean() - EXPOSURE_TARGET * 255) < 1.0
+    # values past the valid range are clipped, black images and "raw" are left alone
+    spiky = np.full((4, 4), 0.1, np.float32)
+    spiky[0, 0] = 1.0
+    assert normalize_exposure(spiky).max() == 1.0
+    black = np.zeros((4, 4), np.uint8)
+    assert np.array_equal(normalize_exposure(black), black)
+    assert normalize_exposure(dark, "raw") is dark
+    with pytest.raises(ThreecadError, match="exposure mode"):
+        normalize_exposure(dark, "histogram")
+
+
+def test_dataset_exposure_mode(synth_root):
+    category = list_categories(synth_root)[0]
+    raw = AnomalyDataset(synth_root, category, "train", size=64)[0]["image"]
+    mean = AnomalyDataset(synth_root, category, "train", size=64, exposure="mean")[0]["image"]
+    assert abs(float(mean.mean()) - EXPOSURE_TARGET) < 2 / 255
+    expected = normalize_exposure(np.round(raw.numpy() * 255).astype(np.uint8)).astype(np.float32) / 255
+    assert torch.allclose(mean, torch.from_numpy(expected))
+    item = next(iter_samples(synth_root, category, "train", size=64, exposure="mean"))
+    assert abs(item["image"].mean() - EXPOSURE_TARGET * 255) < 2
+    with pytest.raises(ThreecadError, match="exposure mode"):
+        AnomalyDataset(synth_root, category, "train", exposure="auto")

@@ -90,6 +90,42 @@ def test_python_api_padim_and_merged_scores(synth_root, tmp_path, monkeypatch):
     assert len(rows) == expected and {r["category"] for r in rows} == {r.name for r in runs}
 
 
+def test_exposure_is_recorded_and_applied_at_predict(synth_root, tmp_path, monkeypatch):
+    runs = runner.train("patchcore", synth_root, [CATEGORY], out=tmp_path / "runs", device="cpu", size=64,
+                        config={"coreset_ratio": 0.2}, exposure="mean")
+    assert json.loads((runs[0] / "run.json").read_text())["exposure"] == "mean"
+    seen = []
+    original = runner.AnomalyDataset
+
+    def spy(root, category, split, *args, **kwargs):
+        seen.append((split, kwargs.get("exposure")))
+        return original(root, category, split, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "AnomalyDataset", spy)
+    runner.predict(runs[0], synth_root, tmp_path / "pred")
+    assert seen == [("test", "mean")]
+    with pytest.raises(ThreecadError, match="exposure mode"):
+        runner.train("patchcore", synth_root, [CATEGORY], out=tmp_path / "bad", device="cpu", exposure="gain")
+
+
+def test_predict_overrides_inference_options(cli_run, synth_root, tmp_path):
+    def scores(folder):
+        with open(folder / "scores.csv") as handle:
+            return {r["path"]: float(r["score"]) for r in csv.DictReader(handle)}
+
+    result = CliRunner().invoke(cli, ["predict", "--run", str(cli_run / "runs"), "--dataset", str(synth_root),
+                                      "--out", str(tmp_path / "mean"), "--set", "topk=1.0"])
+    assert result.exit_code == 0, result.output
+    maxima, means = scores(cli_run / "pred"), scores(tmp_path / "mean")
+    assert maxima.keys() == means.keys()
+    assert all(means[k] <= maxima[k] + 1e-6 for k in maxima) and any(means[k] < maxima[k] - 1e-4 for k in maxima)
+    # the saved run is unchanged: its config still holds the paper's maximum
+    assert json.loads((cli_run / "runs" / CATEGORY / "config.json").read_text())["config"]["topk"] == 0.0
+    result = CliRunner().invoke(cli, ["predict", "--run", str(cli_run / "runs"), "--dataset", str(synth_root),
+                                      "--out", str(tmp_path / "bad"), "--set", "topp=1"])
+    assert result.exit_code == 1 and "has no option(s) topp" in result.output
+
+
 def test_same_seed_same_predictions(synth_root, tmp_path):
     for name in ("a", "b"):
         runs = runner.train("patchcore", synth_root, [CATEGORY], out=tmp_path / name, device="cpu", size=64,

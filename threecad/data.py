@@ -8,6 +8,13 @@ Resizing is always explicit, because it changes what the metrics mean:
   differ in shape: use batch size 1 or a collate that pads);
 * ``"native"``: no resizing at all.
 
+Exposure is explicit too: ``exposure="mean"`` multiplies each image by ``EXPOSURE_TARGET / mean``
+(:func:`normalize_exposure`). Line-scan cameras and strobes change the overall gain between frames
+(the magnetic tile images come in six exposure series, mean grey levels 66 to 153 of 255); a frozen
+ImageNet backbone sees such a gain as a different texture, so a memory bank or a student must cover
+every gain separately. Dividing by the image mean removes the global gain and keeps local contrast,
+which is what a defect changes. ``"raw"`` (the default) leaves pixels alone.
+
 Images are returned as float32 RGB tensors in [0, 1] (grayscale replicated to three channels);
 normalisation belongs to the model, since backbones disagree on it. Masks are float32 {0, 1}.
 
@@ -34,6 +41,35 @@ from threecad.io import atomic_write, read_image
 from threecad.layout import GOOD, SPLITS, Sample, list_categories, list_samples
 
 ResizeMode = Literal["squash", "aspect", "native"]
+ExposureMode = Literal["raw", "mean"]
+EXPOSURE_MODES = ("raw", "mean")
+#: Mean intensity (of [0, 1]) that ``exposure="mean"`` gives every image.
+EXPOSURE_TARGET = 0.45
+
+
+def check_exposure(mode: str) -> str:
+    """``mode`` if it is a known exposure mode, else a :class:`ThreecadError` listing them."""
+    if mode not in EXPOSURE_MODES:
+        raise ThreecadError(f"unknown exposure mode {mode!r}; expected one of {', '.join(EXPOSURE_MODES)}")
+    return mode
+
+
+def normalize_exposure(image: np.ndarray, mode: ExposureMode = "mean") -> np.ndarray:
+    """``image`` (uint8 or float in [0, 1], any shape) scaled so its mean is :data:`EXPOSURE_TARGET`.
+
+    Same dtype out, clipped to the valid range. An all-black image is left as it is. ``mode="raw"``
+    returns the image unchanged.
+    """
+    if check_exposure(mode) == "raw":
+        return image
+    top = 255.0 if image.dtype == np.uint8 else 1.0
+    mean = float(image.mean()) / top
+    if mean <= 1e-6:
+        return image
+    scaled = image.astype(np.float32) * (EXPOSURE_TARGET / mean)
+    if image.dtype == np.uint8:
+        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return np.clip(scaled, 0.0, 1.0).astype(image.dtype, copy=False)
 
 
 def read_mask(path: str | Path, expected_size: tuple[int, int] | None = None) -> np.ndarray:
@@ -86,9 +122,9 @@ def target_size(width: int, height: int, size: int | None, resize: ResizeMode) -
 
 
 def load_sample(
-    sample: Sample, size: int | None = 256, resize: ResizeMode = "squash"
+    sample: Sample, size: int | None = 256, resize: ResizeMode = "squash", exposure: ExposureMode = "raw"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(image uint8 HxWx3, mask bool HxW) of one sample, resized (bilinear / nearest)."""
+    """(image uint8 HxWx3, mask bool HxW) of one sample, resized (bilinear / nearest), exposure applied."""
     image = read_image(sample.image_path, "RGB")
     height, width = image.shape[:2]
     if sample.label == 1:
@@ -101,7 +137,7 @@ def load_sample(
     if (tw, th) != (width, height):
         image = np.asarray(Image.fromarray(image).resize((tw, th), Image.BILINEAR))
         mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((tw, th), Image.NEAREST)) > 127
-    return image, mask
+    return normalize_exposure(image, exposure), mask
 
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -314,13 +350,14 @@ def iter_samples(
     split: str = "test",
     size: int | None = 256,
     resize: ResizeMode = "squash",
+    exposure: ExposureMode = "raw",
 ) -> Iterator[dict]:
     """Plain-Python iteration: dicts with numpy ``image``, ``mask`` and the sample's metadata.
 
     ``root`` is a dataset folder or a manifest table (see :func:`samples_from_manifest`).
     """
     for sample in collect_samples(root, category, split):
-        image, mask = load_sample(sample, size, resize)
+        image, mask = load_sample(sample, size, resize, exposure)
         yield {
             "image": image,
             "mask": mask,
@@ -347,7 +384,9 @@ class AnomalyDataset(torch.utils.data.Dataset):
         size: int | None = 256,
         resize: ResizeMode = "squash",
         samples: list[Sample] | None = None,
+        exposure: ExposureMode = "raw",
     ):
+        self.exposure = check_exposure(exposure)
         self.root = Path(root)
         self.category = category
         self.split = split
@@ -363,7 +402,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        image, mask = load_sample(sample, self.size, self.resize)
+        image, mask = load_sample(sample, self.size, self.resize, self.exposure)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0),
             "mask": torch.from_numpy(mask[None].astype(np.float32)),

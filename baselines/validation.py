@@ -1,11 +1,19 @@
 """A validation set with synthetic anomalies, for choosing method settings without test images.
 
 Unsupervised detectors have no defective training images, so settings (resolution, layers, bank
-size) would otherwise be picked on the test set, which inflates the reported figures. Instead each
-``validation/good`` image appears twice in a small dataset of its own: once unchanged
-(``test/good``) and once with synthetic defects painted on it (``test/synthetic``, masks in
-``ground_truth/synthetic``), using the same painting as the synthetic datasets
-(:mod:`threecad.synth.surface`). ``3cad predict`` and ``evaluate`` then work on it unchanged.
+size, exposure) would otherwise be picked on the test set, which inflates the reported figures.
+Instead each ``validation/good`` image appears once unchanged (``test/good``) and once per kind of
+synthetic anomaly (``test/<kind>``, masks in ``ground_truth/<kind>``), so ``3cad predict`` and
+``evaluate`` work on it unchanged and every kind can be scored on its own against the same normals:
+
+* ``painted``: scratches, pinholes, dirt and bumps painted as in the synthetic datasets
+  (:mod:`threecad.synth.surface`);
+* ``texture``: the self-supervised training recipe (Perlin blob blended with another training image
+  or a procedural texture, :func:`threecad.anomalies.texture_blob`): large, often faint regions;
+* ``dark``: a pit, hole or crack (:func:`threecad.anomalies.dark_spot`);
+* ``edge``: material missing at the border (:func:`threecad.anomalies.edge_chip`).
+
+No kind is a real defect, so a validation score ranks settings; it does not predict test figures.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from threecad.anomalies import TextureBank, dark_spot, edge_chip, texture_blob
+from threecad.data import AnomalyDataset
 from threecad.errors import ThreecadError
 from threecad.io import read_image, save_image
 from threecad.layout import list_samples
@@ -22,7 +32,19 @@ from threecad.progress import progress
 from threecad.synth.surface import defect_polygon, paint_defect, polygon_mask, to_uint8
 
 DEFECT_TYPES = ("scratch", "pinhole", "dirt", "bump")
-SYNTHETIC = "synthetic"
+KINDS = ("painted", "texture", "dark", "edge")
+
+
+def _painted(image: np.ndarray, rng: np.random.Generator, max_defects: int) -> tuple[np.ndarray, np.ndarray]:
+    painted = image.astype(np.float32)
+    height, width = painted.shape[:2]
+    union = np.zeros((height, width), dtype=bool)
+    for _ in range(int(rng.integers(1, max_defects + 1))):
+        kind = str(rng.choice(DEFECT_TYPES))
+        mask = polygon_mask(defect_polygon(rng, kind, height, width, scale=min(height, width) / 256), height, width)
+        paint_defect(painted, mask, kind, rng)
+        union |= mask
+    return to_uint8(painted), union
 
 
 def make_validation_set(
@@ -30,14 +52,19 @@ def make_validation_set(
     category: str,
     out: str | Path,
     seed: int = 0,
-    defects: tuple[str, ...] = DEFECT_TYPES,
+    kinds: tuple[str, ...] = KINDS,
     max_defects: int = 2,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``<out>/<category>/{test/good, test/synthetic, ground_truth/synthetic}``; returns ``out``.
+    """Write ``<out>/<category>/{test/good, test/<kind>, ground_truth/<kind>}``; returns ``out``.
 
-    Deterministic for a seed. Defect sizes scale with the image (``min(h, w) / 256``).
+    Deterministic for a seed: image ``i`` draws every kind from ``default_rng([seed, i, k])``, so
+    adding a kind leaves the others unchanged. Painted defect sizes scale with ``min(h, w) / 256``.
+    Textures come from the category's training images (native size) and procedural patterns.
     """
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ThreecadError(f"unknown validation anomaly kind(s) {unknown or list(kinds)}; choose from {', '.join(KINDS)}")
     samples = list_samples(dataset, category, "validation")
     if not samples:
         raise ThreecadError(f"no validation/good images for category {category!r}; import with a "
@@ -47,19 +74,29 @@ def make_validation_set(
         if not overwrite:
             raise ThreecadError("output folder is not empty; pass --overwrite to replace it", out)
         shutil.rmtree(out)
+    textures = None
+    if "texture" in kinds:
+        textures = TextureBank(images=AnomalyDataset(dataset, category, "train", size=None, resize="native"))
     base = out / category
     for index, sample in enumerate(progress(samples, desc="validation set")):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-        image = read_image(sample.image_path)
+        image = read_image(sample.image_path, "RGB")
         save_image(base / "test" / "good" / f"{sample.stem}.png", image)
-        painted = image.astype(np.float32)
-        height, width = painted.shape[:2]
-        union = np.zeros((height, width), dtype=bool)
-        for _ in range(int(rng.integers(1, max_defects + 1))):
-            kind = str(rng.choice(defects))
-            mask = polygon_mask(defect_polygon(rng, kind, height, width, scale=min(height, width) / 256), height, width)
-            paint_defect(painted, mask, kind, rng)
-            union |= mask
-        save_image(base / "test" / SYNTHETIC / f"{sample.stem}_syn.png", to_uint8(painted))
-        save_image(base / "ground_truth" / SYNTHETIC / f"{sample.stem}_syn.png", union.astype(np.uint8) * 255)
+        as_float = image.astype(np.float32) / 255.0
+        for kind in kinds:
+            rng = np.random.default_rng([seed, index, KINDS.index(kind)])
+            if kind == "painted":
+                augmented, mask = _painted(image, rng, max_defects)
+            else:
+                if kind == "texture":
+                    result, mask = texture_blob(as_float, rng, textures)
+                elif kind == "dark":
+                    result, mask = dark_spot(as_float, rng)
+                else:
+                    result, mask = edge_chip(as_float, rng)
+                augmented = np.clip(np.rint(result * 255.0), 0, 255).astype(np.uint8)
+            if not mask.any():
+                continue
+            name = f"{sample.stem}_{kind}.png"
+            save_image(base / "test" / kind / name, augmented)
+            save_image(base / "ground_truth" / kind / name, mask.astype(np.uint8) * 255)
     return out

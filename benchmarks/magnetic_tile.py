@@ -1,101 +1,150 @@
-"""Choose PatchCore/PaDiM settings on magnetic tiles without looking at the test images.
+"""Choose method settings on validation normals with synthetic anomalies (the test split is never read).
 
-Usage (after ``3cad data import-folder ... --validation-fraction 0.2``)::
+Usage (after ``3cad data import-folder ... --validation-fraction 0.15``)::
 
-    python benchmarks/magnetic_tile.py DATASET [--train-images 120] [--configs NAME ...]
+    python benchmarks/magnetic_tile.py DATASET [--category Magnetic_Tile] [--train-images 200]
+        [--configs NAME ...] [--kinds painted texture dark edge] [--threads 2]
+    python benchmarks/magnetic_tile.py DATASET --run RUN_DIR [--variant topk=0.03 --variant ...]
 
 Each configuration is fitted on a seeded subset of ``train/good`` and scored on the validation set
-of :func:`baselines.validation.make_validation_set` (validation normals, and the same images with
-painted synthetic defects), with the standard metrics at native resolution. The test split is never
-read. Prints one line per configuration: metrics and fit/predict seconds.
+of :func:`baselines.validation.make_validation_set` (each ``validation/good`` image unchanged and
+once per anomaly kind), with the standard metrics at native resolution, per kind (that kind's
+images against all the normals) and over everything. Prints one line per configuration and kind,
+with fit and predict seconds; ``--json`` appends the numbers to a JSON-lines file. The reference run
+is the library default (``pc-squash256``): compare every line with it.
+
+``--run`` scores an already trained run folder (CFRG, say) instead, once per ``--variant`` of its
+inference options (``KEY=VALUE`` pairs joined by ``,``; the saved settings are the reference).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from baselines import build
+from baselines import build, load_method
 from baselines.batching import iter_batches
-from baselines.validation import make_validation_set
+from baselines.runner import native_size_maps, read_run
+from baselines.validation import KINDS, make_validation_set
 from threecad.data import AnomalyDataset, read_mask
 from threecad.io import image_size
 from threecad.layout import list_samples
 from threecad.metrics import Evaluator
 
-CATEGORY = "Magnetic_Tile"
+#: Bank settings shared by the PatchCore configurations (a random bank: fit time stays small).
+BANK = {"coreset_ratio": 1.0, "max_patches": 40_000}
 
-#: Bank settings shared by every PatchCore configuration (bounded fit time on 2 cores).
-BANK = {"coreset_ratio": 0.05, "max_patches": 50_000}
-
-CONFIGS: dict[str, tuple[str, dict, int, str]] = {
-    # name: (method, options, size, resize)
-    "pc-squash256-s8s16": ("patchcore", {}, 256, "squash"),
-    "pc-squash320-s8s16": ("patchcore", {}, 320, "squash"),
-    "pc-squash256-s4s8": ("patchcore", {"layers": ["stride4", "stride8"]}, 256, "squash"),
-    "pc-aspect320-s8s16": ("patchcore", {}, 320, "aspect"),
-    "pc-aspect384-s8s16": ("patchcore", {}, 384, "aspect"),
-    "pc-squash256-s4s8s16": ("patchcore", {"layers": ["stride4", "stride8", "stride16"]}, 256, "squash"),
-    "pc-squash256-s8s16-bank12k": ("patchcore", {"coreset_ratio": 0.2, "max_patches": 60_000,
-                                                 "projection_dim": 32}, 256, "squash"),
-    "pc-aspect320-s4s8": ("patchcore", {"layers": ["stride4", "stride8"]}, 320, "aspect"),
-    "pc-aspect320-s4s8s16": ("patchcore", {"layers": ["stride4", "stride8", "stride16"]}, 320, "aspect"),
-    "pc-aspect320-s8s16-k1": ("patchcore", {"neighbourhood": 1}, 320, "aspect"),
-    "pc-aspect320-s8s16-sigma2": ("patchcore", {"sigma": 2.0}, 320, "aspect"),
-    "padim-squash256": ("padim", {}, 256, "squash"),
-    "padim-squash320": ("padim", {}, 320, "squash"),
+CONFIGS: dict[str, tuple[str, dict, int, str, str]] = {
+    # name: (method, options, size, resize, exposure)
+    "pc-squash256": ("patchcore", {}, 256, "squash", "raw"),
+    "pc-squash256-exposure": ("patchcore", {}, 256, "squash", "mean"),
+    "pc-squash256-exposure-top1%": ("patchcore", {"topk": 0.01}, 256, "squash", "mean"),
+    "pc-squash256-exposure-top3%": ("patchcore", {"topk": 0.03}, 256, "squash", "mean"),
+    "pc-squash256-exposure-top10%": ("patchcore", {"topk": 0.1}, 256, "squash", "mean"),
+    "pc-squash320-exposure-top3%": ("patchcore", {"topk": 0.03}, 320, "squash", "mean"),
+    "pc-squash256-exposure-top3%-nn3": ("patchcore", {"topk": 0.03, "num_neighbors": 3}, 256, "squash", "mean"),
+    "pc-squash256-exposure-top3%-lite2": ("patchcore", {"topk": 0.03, "backbone": "efficientnet_lite2"}, 256,
+                                          "squash", "mean"),
+    "pc-aspect320": ("patchcore", {}, 320, "aspect", "raw"),
+    "pc-squash256-s4s8s16": ("patchcore", {"layers": ["stride4", "stride8", "stride16"]}, 256, "squash", "raw"),
+    "padim-squash256": ("padim", {}, 256, "squash", "raw"),
+    "padim-squash256-exposure-top3%": ("padim", {"topk": 0.03}, 256, "squash", "mean"),
 }
 
 
-def score(method, val_root: Path, size: int, resize: str) -> tuple[dict, float]:
+def score(method, val_root: Path, category: str, size: int, resize: str, exposure: str) -> tuple[dict, float]:
+    """Metrics per anomaly kind (that kind + every normal) and over all kinds (``"all"``)."""
     evaluator = Evaluator()
-    data = AnomalyDataset(val_root, CATEGORY, "test", size=size, resize=resize)
+    data = AnomalyDataset(val_root, category, "test", size=size, resize=resize, exposure=exposure)
+    kinds = sorted({s.defect for s in data.samples if s.label})
     by_path = {str(s.image_path): s for s in data.samples}
     start = time.perf_counter()
     for images, items in iter_batches(data, 8):
-        _, maps = method.predict(images)
-        for item, amap in zip(items, maps):
-            sample = by_path[item["path"]]
-            width, height = image_size(sample.image_path)
-            native = F.interpolate(torch.from_numpy(amap)[None, None], size=(height, width),
-                                   mode="bilinear", align_corners=False)[0, 0].numpy()
-            mask = (read_mask(sample.mask_path) if sample.label else np.zeros((height, width), bool))
-            evaluator.update([native], [mask], labels=[sample.label], categories=CATEGORY)
-    seconds = time.perf_counter() - start
-    return evaluator.compute()["categories"][CATEGORY], seconds
+        scores, maps = method.predict(images)
+        samples = [by_path[item["path"]] for item in items]
+        native = native_size_maps(maps, [image_size(s.image_path) for s in samples])
+        for sample, value, amap in zip(samples, scores, native):
+            mask = read_mask(sample.mask_path) if sample.label else np.zeros(amap.shape, bool)
+            for group in ["all", *(kinds if not sample.label else [sample.defect])]:
+                evaluator.update([amap], [mask], image_scores=[float(value)], categories=group)
+    return evaluator.compute()["categories"], time.perf_counter() - start
+
+
+def report(name: str, metrics: dict, kinds: list[str], fit_s: float, pred_s: float) -> None:
+    for kind in ["all", *kinds]:
+        m = metrics.get(kind)
+        if m is not None:
+            print(f"{name:30s} {kind:8s} {m['i_auroc']:.3f}   {m['p_auroc']:.3f}   {m['aupro']:.3f}  "
+                  f"{m['p_ap']:.3f}  {fit_s:6.1f}  {pred_s:6.1f}", flush=True)
+
+
+def parse_variant(text: str) -> dict:
+    """``"topk=0.03,map_terms=segmentation"`` -> options (values read as JSON when they parse)."""
+    options = {}
+    for pair in filter(None, text.split(",")):
+        key, _, value = pair.partition("=")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dataset", type=Path)
-    parser.add_argument("--train-images", type=int, default=120)
-    parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    parser.add_argument("--category", default="Magnetic_Tile")
+    parser.add_argument("--train-images", type=int, default=200)
+    parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME")
+    parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None, help="Append results to this JSON-lines file.")
+    parser.add_argument("--run", type=Path, default=None, help="Score this trained run folder instead.")
+    parser.add_argument("--variant", action="append", default=None, help="Inference options for --run.")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        val_root = make_validation_set(args.dataset, CATEGORY, Path(tmp) / "val", seed=args.seed)
-        train_samples = list_samples(args.dataset, CATEGORY, "train")
-        rng = np.random.default_rng(args.seed)
-        subset = [train_samples[i] for i in sorted(rng.choice(len(train_samples), args.train_images, replace=False))]
-        print(f"{'config':28s} i_auroc p_auroc  aupro   p_ap   fit_s  pred_s")
-        for name in args.configs:
-            method_name, options, size, resize = CONFIGS[name]
-            options = {**BANK, **options} if method_name == "patchcore" else options
-            method = build(method_name, device="cpu", seed=args.seed, **options)
-            train = AnomalyDataset(args.dataset, CATEGORY, "train", size=size, resize=resize, samples=subset)
-            start = time.perf_counter()
-            method.fit(train)
-            fit_s = time.perf_counter() - start
-            metrics, pred_s = score(method, val_root, size, resize)
-            print(f"{name:28s} {metrics['i_auroc']:.3f}   {metrics['p_auroc']:.3f}   {metrics['aupro']:.3f}  "
-                  f"{metrics['p_ap']:.3f}  {fit_s:6.1f}  {pred_s:6.1f}", flush=True)
+        val_root = make_validation_set(args.dataset, args.category, Path(tmp) / "val", seed=args.seed,
+                                       kinds=tuple(args.kinds))
+        print(f"{'config':30s} {'kind':8s} i_auroc p_auroc  aupro   p_ap   fit_s  pred_s")
+        results = []
+        if args.run is not None:
+            info = read_run(args.run)
+            for variant in args.variant or [""]:
+                method = load_method(args.run, device="cpu", **parse_variant(variant))
+                metrics, pred_s = score(method, val_root, args.category, info["size"], info["resize"],
+                                        info.get("exposure", "raw"))
+                results.append((variant or "saved settings", metrics, 0.0, pred_s))
+                report(results[-1][0], metrics, args.kinds, 0.0, pred_s)
+        else:
+            train_samples = list_samples(args.dataset, args.category, "train")
+            rng = np.random.default_rng(args.seed)
+            count = min(args.train_images, len(train_samples))
+            subset = [train_samples[i] for i in sorted(rng.choice(len(train_samples), count, replace=False))]
+            for name in args.configs:
+                method_name, options, size, resize, exposure = CONFIGS[name]
+                options = {**BANK, **options} if method_name == "patchcore" else options
+                method = build(method_name, device="cpu", seed=args.seed, **options)
+                train = AnomalyDataset(args.dataset, args.category, "train", size=size, resize=resize,
+                                       samples=subset, exposure=exposure)
+                start = time.perf_counter()
+                method.fit(train)
+                fit_s = time.perf_counter() - start
+                metrics, pred_s = score(method, val_root, args.category, size, resize, exposure)
+                results.append((name, metrics, fit_s, pred_s))
+                report(name, metrics, args.kinds, fit_s, pred_s)
+        if args.json is not None:
+            with open(args.json, "a") as handle:
+                for name, metrics, fit_s, pred_s in results:
+                    handle.write(json.dumps({"config": name, "run": str(args.run or ""), "seed": args.seed,
+                                             "fit_s": fit_s, "predict_s": pred_s, "metrics": metrics}) + "\n")
 
 
 if __name__ == "__main__":

@@ -286,6 +286,17 @@ class TextureBank:
         return _resize(np.ascontiguousarray(image), size)
 
 
+def gray_like(image: np.ndarray, texture: np.ndarray) -> np.ndarray:
+    """``texture``'s luminance in three channels when ``image`` (HxWx3) is grayscale, else ``texture``.
+
+    On grayscale parts (magnetic tiles, many line-scan cameras) a coloured texture would make colour
+    the cue a model learns to spot.
+    """
+    if np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2]):
+        return np.repeat(texture @ np.float32([[0.299], [0.587], [0.114]]), 3, axis=2)
+    return texture
+
+
 # ---------------------------------------------------------------------------------------- dataset
 class SyntheticAnomalyDataset(torch.utils.data.Dataset):
     """Wraps a dataset of normal images (items with an ``image`` 3xHxW in [0, 1]) with synthesis.
@@ -346,10 +357,8 @@ class SyntheticAnomalyDataset(torch.utils.data.Dataset):
         mask, draw = perlin_mask(shape, rng)
         beta = float(rng.uniform(0.0, self.max_beta))
         texture = self.textures.draw(rng, shape, exclude=index)
-        if self.match_gray and np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2]):
-            # Grayscale parts (magnetic tiles, many line-scan cameras): a coloured texture would make
-            # "colour" the cue the model learns; use the texture's luminance instead.
-            texture = np.repeat(texture @ np.float32([[0.299], [0.587], [0.114]]), 3, axis=2)
+        if self.match_gray:
+            texture = gray_like(image, texture)
         augmented = blend(image, texture, mask, beta)
         out.update(
             augmented=torch.from_numpy(np.ascontiguousarray(augmented.transpose(2, 0, 1))),
@@ -373,3 +382,62 @@ def synthesize(
         augmented.append(blend(image, textures.draw(rng, image.shape[:2]), mask, beta))
         masks.append(mask)
     return np.stack(augmented), np.stack(masks)
+
+
+# ----------------------------------------------------------------------- defect-like anomalies
+# Validation sets need anomalies that look like real surface defects more than a pasted texture
+# does: pits and cracks darken a small region with a soft rim, chipped edges replace material at
+# the part's border with the dark background. Both act on HxWx3 float images in [0, 1] and return
+# (augmented, mask bool HxW); an empty mask means the draw failed and the caller should skip it.
+def single_blob(shape: tuple[int, int], rng: np.random.Generator, min_area: float, max_area: float,
+                tries: int = 200) -> np.ndarray:
+    """One connected Perlin blob covering a share of the image in ``(min_area, max_area]``."""
+    for _ in range(tries):
+        mask, _ = perlin_mask(shape, rng)
+        labels, count = ndimage.label(mask > 0)
+        if count == 0:
+            continue
+        blob = labels == int(rng.integers(count)) + 1
+        if min_area < blob.mean() <= max_area:
+            return blob
+    return np.zeros(shape, dtype=bool)
+
+
+def dark_spot(image: np.ndarray, rng: np.random.Generator, max_area: float = 0.03) -> tuple[np.ndarray, np.ndarray]:
+    """A pit, hole or crack: one small blob darkened to 30-70 % of its brightness, with a soft rim."""
+    mask = single_blob(image.shape[:2], rng, 0.0005, max_area)
+    soft = ndimage.gaussian_filter(mask.astype(np.float32), 1.0)[..., None]
+    factor = float(rng.uniform(0.3, 0.7))
+    return (image * (1.0 - soft * (1.0 - factor))).astype(np.float32), mask
+
+
+def edge_chip(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Missing material at one border: a ragged region 4-15 % deep, 10-30 % long, set to dark background."""
+    height, width = image.shape[:2]
+    side = int(rng.integers(4))
+    yy, xx = np.mgrid[0:height, 0:width]
+    depth_axis = (yy, height - 1 - yy, xx, width - 1 - xx)[side]
+    along, length = (xx, width) if side < 2 else (yy, height)
+    depth = rng.uniform(0.04, 0.15) * (height if side < 2 else width)
+    ragged = ndimage.gaussian_filter(rng.normal(0.0, 1.0, (height, width)).astype(np.float32), 3.0)
+    ragged /= np.abs(ragged).max() + 1e-6
+    start = rng.uniform(0.0, 0.7) * length
+    mask = (depth_axis < depth * (1.0 + 0.8 * ragged)) & (along >= start)
+    mask &= along < start + rng.uniform(0.1, 0.3) * length
+    out = image.copy()
+    background = rng.uniform(0.02, 0.12) + rng.normal(0.0, 0.01, (int(mask.sum()), 1))
+    out[mask] = background
+    return np.clip(out, 0.0, 1.0).astype(np.float32), mask
+
+
+def texture_blob(image: np.ndarray, rng: np.random.Generator, textures: TextureBank,
+                 max_area: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """The training recipe (Perlin mask, texture, beta blend) with the mask's area bounded, for validation."""
+    shape = image.shape[:2]
+    mask = np.zeros(shape, dtype=np.float32)
+    for _ in range(100):
+        mask, _ = perlin_mask(shape, rng)
+        if 0.005 < mask.mean() <= max_area:
+            break
+    texture = gray_like(image, textures.draw(rng, shape))
+    return blend(image, texture, mask, float(rng.uniform(0.0, MAX_BETA))), mask > 0

@@ -231,8 +231,8 @@ def standardized_run(
     fingerprint = dataset_fingerprint(dataset)
     settings = {
         "kind": "standardized-run", "method": method, "config": config or {}, "seed": seed, "size": size,
-        "resize": resize, "exposure": exposure, "dtype": dtype, "dataset_fingerprint": fingerprint, "device": torch_device.type,
-        "gpu": hardware.get("gpu"), "warmup": warmup, "timed": timed,
+        "resize": resize, "exposure": exposure, "dtype": dtype, "dataset_fingerprint": fingerprint,
+        "device": torch_device.type, "gpu": hardware.get("gpu"), "warmup": warmup, "timed": timed,
     }
     sha = run_identity(settings)
     out = Path(out).expanduser() if out is not None else DEFAULT_RUNS_DIR.expanduser() / sha[:12]

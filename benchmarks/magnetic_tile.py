@@ -33,6 +33,7 @@ from baselines.batching import iter_batches
 from baselines.runner import native_size_maps, read_run
 from baselines.validation import KINDS, make_validation_set
 from threecad.data import AnomalyDataset, read_mask
+from threecad.errors import ThreecadError
 from threecad.io import image_size
 from threecad.layout import list_samples
 from threecad.metrics import Evaluator
@@ -110,13 +111,13 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=None, help="Inference options for --run.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    info = read_run(args.run) if args.run is not None else None  # a bad run folder fails before any work
     with tempfile.TemporaryDirectory() as tmp:
         val_root = make_validation_set(args.dataset, args.category, Path(tmp) / "val", seed=args.seed,
                                        kinds=tuple(args.kinds))
         print(f"{'config':30s} {'kind':8s} i_auroc p_auroc  aupro   p_ap   fit_s  pred_s")
         results = []
-        if args.run is not None:
-            info = read_run(args.run)
+        if info is not None:
             for variant in args.variant or [""]:
                 method = load_method(args.run, device="cpu", **parse_variant(variant))
                 metrics, pred_s = score(method, val_root, args.category, info["size"], info["resize"],
@@ -148,4 +149,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ThreecadError as exc:  # a user error: one line, exit 1
+        raise SystemExit(f"error: {exc}") from None

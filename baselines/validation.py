@@ -77,6 +77,7 @@ def make_validation_set(
     textures = None
     if "texture" in kinds:
         textures = TextureBank(images=AnomalyDataset(dataset, category, "train", size=None, resize="native"))
+    synthesize_kind = {"texture": lambda x, rng: texture_blob(x, rng, textures), "dark": dark_spot, "edge": edge_chip}
     base = out / category
     for index, sample in enumerate(progress(samples, desc="validation set")):
         image = read_image(sample.image_path, "RGB")
@@ -87,12 +88,7 @@ def make_validation_set(
             if kind == "painted":
                 augmented, mask = _painted(image, rng, max_defects)
             else:
-                if kind == "texture":
-                    result, mask = texture_blob(as_float, rng, textures)
-                elif kind == "dark":
-                    result, mask = dark_spot(as_float, rng)
-                else:
-                    result, mask = edge_chip(as_float, rng)
+                result, mask = synthesize_kind[kind](as_float, rng)
                 augmented = np.clip(np.rint(result * 255.0), 0, 255).astype(np.uint8)
             if not mask.any():
                 continue

@@ -333,14 +333,17 @@ def backbones_command() -> None:
 @click.option("--batch-size", type=int, default=None, help="Batch size (method option).")
 @click.option("--teacher", default=None, help="Teacher network (method option).")
 @click.option("--resume", is_flag=True, default=None, help="Resume from the run folder's checkpoint (method option).")
+@click.option("--textures", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Texture folder for anomaly synthesis, e.g. DTD's images/ (method option, cfrg).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other method option (repeatable).")
 def train_command(method, dataset, categories, out, device, size, resize, exposure, seed, backbone, epochs,
-                  batch_size, teacher, resume, settings) -> None:
+                  batch_size, teacher, resume, textures, settings) -> None:
     """Fit a method on the train/good images of each category; one run folder per category."""
     from baselines.runner import train
 
     config = _parse_set(settings)
-    named = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "teacher": teacher, "resume": resume}
+    named = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "teacher": teacher, "resume": resume,
+             "textures": None if textures is None else str(textures)}
     config.update({k: v for k, v in named.items() if v is not None})
     runs = train(method, dataset, list(categories), out=out, device=device, size=size, resize=resize, seed=seed,
                  config=config, exposure=exposure)

@@ -25,12 +25,20 @@ def local_aggregate(feature: torch.Tensor, kernel: int = 3) -> torch.Tensor:
     return F.avg_pool2d(feature, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
 
 
-def combine_stages(features: list[torch.Tensor], kernel: int = 3) -> torch.Tensor:
-    """Aggregate each stage, upsample all to the first (finest) stage's grid, concatenate channels."""
+def combine_stages(features: list[torch.Tensor], kernel: int = 3, balance: bool = False) -> torch.Tensor:
+    """Aggregate each stage, upsample all to the first (finest) stage's grid, concatenate channels.
+
+    With ``balance``, each stage is scaled by ``1 / sqrt(channels)`` so that every stage adds the mean
+    (not the sum) of its squared channel differences to a Euclidean distance. The PatchCore paper gets
+    the same weighting by pooling every layer to one common dimension before stacking them; without
+    it the widest stage (usually the deepest, coarsest one) dominates the distance.
+    """
     size = features[0].shape[-2:]
     out = []
     for feature in features:
         feature = local_aggregate(feature, kernel)
+        if balance:
+            feature = feature / feature.shape[1] ** 0.5
         if feature.shape[-2:] != size:
             feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
         out.append(feature)

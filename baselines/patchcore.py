@@ -38,6 +38,10 @@ class PatchCore(Method):
         Feature extractor (:mod:`threecad.backbones`); layers by name or output stride.
     neighbourhood:
         Side of the local averaging window (3 in the paper; 1 disables it).
+    balance_stages:
+        Weigh every backbone stage equally in the patch distance, as the paper's per-layer pooling to
+        a common dimension does (:func:`baselines.aggregation.combine_stages`); ``False`` concatenates
+        the raw channels, so the widest stage dominates.
     feature_dim:
         Reduce the fused channels to this many by averaging adjacent channels (the paper's 1024 for
         WRN50); ``None`` keeps them all.
@@ -73,6 +77,7 @@ class PatchCore(Method):
         layers: Sequence[str] = ("stride8", "stride16"),
         weights: str | None = "default",
         neighbourhood: int = 3,
+        balance_stages: bool = False,
         feature_dim: int | None = None,
         coreset_ratio: float = 0.1,
         max_bank: int | None = None,
@@ -92,6 +97,7 @@ class PatchCore(Method):
         self.layers = list(layers)
         self.weights = weights
         self.neighbourhood = int(neighbourhood)
+        self.balance_stages = bool(balance_stages)
         self.feature_dim = feature_dim
         self.coreset_ratio = float(coreset_ratio)
         self.max_bank = max_bank
@@ -133,7 +139,7 @@ class PatchCore(Method):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ThreecadError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         maps = _features.extract(self._get_extractor(), images.to(self._device()), self.layers)
-        fused = combine_stages([m.float() for m in maps], self.neighbourhood)
+        fused = combine_stages([m.float() for m in maps], self.neighbourhood, self.balance_stages)
         b, c, h, w = fused.shape
         fused = fused.permute(0, 2, 3, 1)
         if self.feature_dim is not None and c > self.feature_dim:

@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 
 import baselines.features as features_module
 from baselines import available, build, load_method
-from baselines.aggregation import gaussian_blur, local_aggregate, top_fraction_mean
+from baselines.aggregation import combine_stages, gaussian_blur, local_aggregate, top_fraction_mean
 from baselines.coreset import greedy_coreset
 from baselines.knn import nearest_neighbors
 from baselines.padim import PaDiM, mahalanobis
@@ -153,6 +153,28 @@ def test_local_aggregate_is_neighbourhood_mean():
         for x in range(7):
             window = feature[0, :, max(0, y - 1) : y + 2, max(0, x - 1) : x + 2]
             np.testing.assert_allclose(got[0, :, y, x], window.mean(axis=(1, 2)), rtol=1e-6)
+
+
+def test_balanced_stages_weigh_like_the_papers_pooling_to_a_common_dimension():
+    """The PatchCore paper pools every layer to one dimension (here 8, a multiple of both widths, so
+    the pooling repeats channels exactly) and compares the stacked result; balanced concatenation
+    must give the same squared distances up to that dimension as a constant factor."""
+    rng = np.random.default_rng(9)
+    stages = [torch.from_numpy(rng.normal(size=(2, c, 3, 3)).astype(np.float32)) * scale
+              for c, scale in ((2, 1.0), (4, 5.0))]
+
+    def paper(feats):
+        pooled = [F.adaptive_avg_pool1d(f.permute(0, 2, 3, 1).reshape(-1, 1, f.shape[1]), 8) for f in feats]
+        return torch.cat(pooled, 1).flatten(1)  # (B*H*W, layers * 8)
+
+    def ours(feats, balance):
+        return combine_stages(feats, kernel=1, balance=balance).permute(0, 2, 3, 1).reshape(-1, 6)
+
+    reference = torch.cdist(paper(stages), paper(stages)) ** 2
+    np.testing.assert_allclose(8 * torch.cdist(ours(stages, True), ours(stages, True)) ** 2, reference,
+                               rtol=1e-4, atol=1e-3)
+    plain = torch.cdist(ours(stages, False), ours(stages, False)) ** 2
+    assert not torch.allclose(8 * plain, reference, rtol=1e-2)  # raw concatenation weighs stages differently
 
 
 def test_mahalanobis_matches_scipy():

@@ -141,6 +141,8 @@ def test_user_errors_are_one_line_exit_1(synth_root, tmp_path):
         (base + ["--method", "patchcore", "--category", CATEGORY, "--set", "bogus=1"], "no option(s) bogus"),
         (base + ["--method", "patchcore", "--category", CATEGORY, "--epochs", "3"], "no option(s) epochs"),
         (base + ["--method", "nope", "--category", CATEGORY], "unknown method 'nope'"),
+        (base + ["--method", "patchcore", "--category", CATEGORY, "--textures", str(tmp_path)],
+         "no option(s) textures"),  # --textures is passed on as a method option
         (["predict", "--run", str(tmp_path), "--dataset", str(synth_root), "--out", str(tmp_path / "p")],
          "not a run folder"),
     ]
@@ -149,6 +151,9 @@ def test_user_errors_are_one_line_exit_1(synth_root, tmp_path):
         assert result.exit_code == 1, (args, result.output)
         assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "r").exists()  # a rejected option writes nothing
+    missing = CliRunner().invoke(cli, base + ["--method", "cfrg", "--category", CATEGORY,
+                                              "--textures", str(tmp_path / "no_dtd")])
+    assert missing.exit_code == 2 and "no_dtd" in missing.output and "does not exist" in missing.output
 
 
 def test_methods_command_lists_both():

@@ -343,7 +343,7 @@ def train_command(method, dataset, categories, out, device, size, resize, exposu
 
     config = _parse_set(settings)
     named = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "teacher": teacher, "resume": resume,
-             "textures": None if textures is None else str(textures)}
+             "textures": None if textures is None else str(textures.resolve())}
     config.update({k: v for k, v in named.items() if v is not None})
     runs = train(method, dataset, list(categories), out=out, device=device, size=size, resize=resize, seed=seed,
                  config=config, exposure=exposure)

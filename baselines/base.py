@@ -141,7 +141,21 @@ def build(name: str, **config: Any) -> Method:
         raise ThreecadError(
             f"method {name!r} has no option(s) {', '.join(unknown)}; valid: {', '.join(cls.config_keys())}"
         )
+    _check_option_types(cls, name, config)
     return cls(**config)
+
+
+def _check_option_types(cls: type[Method], name: str, config: dict[str, Any]) -> None:
+    """Options whose default is a bool or a number must get one: ``bool("false")`` is True, so a text
+    value (``--set reweight=maybe``) would otherwise be accepted silently or fail deep inside."""
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in config.items():
+        default = params[key].default
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise ThreecadError(f"method {name!r} option {key} takes true or false, got {value!r}")
+        if (isinstance(default, (int, float)) and not isinstance(default, bool)
+                and (isinstance(value, bool) or not isinstance(value, (int, float)))):
+            raise ThreecadError(f"method {name!r} option {key} takes a number, got {value!r}")
 
 
 def load_method(path: str | Path, **overrides: Any) -> Method:

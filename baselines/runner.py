@@ -125,11 +125,18 @@ def train(
         if validation and has_val:
             val_set = AnomalyDataset(dataset, category, "validation", size=size, resize=resize, exposure=exposure)
         model = build(method, **options)
+        new_dirs = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
         run_dir.mkdir(parents=True, exist_ok=True)
         model.work_dir = run_dir
         log.info("training %s on %s (%d images, %s %d)", method, category, len(train_set), resize, size)
         fit_start = time.perf_counter()
-        model.fit(train_set, val_set)
+        try:
+            model.fit(train_set, val_set)
+        except BaseException:
+            for folder in new_dirs:  # a failed fit leaves no empty folders; checkpoints stay for --resume
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+            raise
         fit_s = time.perf_counter() - fit_start
         model.save(run_dir)
         write_json(run_dir / RUN_FILE, {

@@ -141,6 +141,10 @@ def test_user_errors_are_one_line_exit_1(synth_root, tmp_path):
         (base + ["--method", "patchcore", "--category", CATEGORY, "--set", "bogus=1"], "no option(s) bogus"),
         (base + ["--method", "patchcore", "--category", CATEGORY, "--epochs", "3"], "no option(s) epochs"),
         (base + ["--method", "nope", "--category", CATEGORY], "unknown method 'nope'"),
+        (base + ["--method", "patchcore", "--category", CATEGORY, "--set", "reweight=maybe"],
+         "option reweight takes true or false, got 'maybe'"),
+        (base + ["--method", "patchcore", "--category", CATEGORY, "--set", "sigma=big"],
+         "option sigma takes a number, got 'big'"),
         (base + ["--method", "patchcore", "--category", CATEGORY, "--textures", str(tmp_path)],
          "no option(s) textures"),  # --textures is passed on as a method option
         (["predict", "--run", str(tmp_path), "--dataset", str(synth_root), "--out", str(tmp_path / "p")],
@@ -154,6 +158,13 @@ def test_user_errors_are_one_line_exit_1(synth_root, tmp_path):
     missing = CliRunner().invoke(cli, base + ["--method", "cfrg", "--category", CATEGORY,
                                               "--textures", str(tmp_path / "no_dtd")])
     assert missing.exit_code == 2 and "no_dtd" in missing.output and "does not exist" in missing.output
+    corrupt = tmp_path / "dtd"
+    corrupt.mkdir()
+    (corrupt / "bad.jpg").write_bytes(b"not an image")
+    result = CliRunner().invoke(cli, base + ["--method", "cfrg", "--category", CATEGORY, "--size", "64",
+                                             "--epochs", "1", "--textures", str(corrupt)])
+    assert result.exit_code == 1 and "bad.jpg: unreadable image" in result.output, result.output
+    assert not (tmp_path / "r").exists()  # the failed fit leaves no empty run folder behind
 
 
 def test_methods_command_lists_both():

@@ -151,6 +151,8 @@ def _check_option_types(cls: type[Method], name: str, config: dict[str, Any]) ->
     params = inspect.signature(cls.__init__).parameters
     for key, value in config.items():
         default = params[key].default
+        if value is None and "None" in str(params[key].annotation):  # e.g. max_patches: int | None
+            continue
         if isinstance(default, bool) and not isinstance(value, bool):
             raise ThreecadError(f"method {name!r} option {key} takes true or false, got {value!r}")
         if (isinstance(default, (int, float)) and not isinstance(default, bool)

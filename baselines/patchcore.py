@@ -20,7 +20,7 @@ from baselines import features as _features
 from baselines.aggregation import combine_stages, top_fraction_mean, upsample_maps
 from baselines.base import Method, register
 from baselines.batching import iter_batches
-from baselines.coreset import greedy_coreset
+from baselines.coreset import chunked_greedy_coreset
 from baselines.knn import nearest_neighbors
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
@@ -53,6 +53,11 @@ class PatchCore(Method):
         Seeded random subset of the training patches the coreset starts from (``None``: all). Greedy
         k-center costs one pass over all candidates per selected entry, so this bounds fit time on
         large training sets; the coreset ratio applies to the patches kept.
+    coreset_chunk:
+        Run the greedy selection on chunks of this many patches (whole images), each keeping
+        ``coreset_ratio`` of its patches (:func:`baselines.coreset.chunked_greedy_coreset`): ``c``
+        chunks cost ``1 / c`` of one global pass, so with ``max_patches=None`` every training patch
+        is a candidate at a fit time that grows linearly with the data. ``None``: one global pass.
     projection_dim:
         Random-projection dimension used for the coreset distances.
     num_neighbors:
@@ -82,6 +87,7 @@ class PatchCore(Method):
         coreset_ratio: float = 0.1,
         max_bank: int | None = None,
         max_patches: int | None = 200_000,
+        coreset_chunk: int | None = None,
         projection_dim: int | None = 128,
         num_neighbors: int = 1,
         reweight: bool = False,
@@ -102,6 +108,7 @@ class PatchCore(Method):
         self.coreset_ratio = float(coreset_ratio)
         self.max_bank = max_bank
         self.max_patches = max_patches
+        self.coreset_chunk = coreset_chunk
         self.projection_dim = projection_dim
         self.num_neighbors = int(num_neighbors)
         self.reweight = bool(reweight)
@@ -118,6 +125,9 @@ class PatchCore(Method):
             raise ThreecadError(f"topk must be a fraction in [0, 1] (0 = maximum), got {topk}")
         if self.reweight and self.topk > 0:
             raise ThreecadError("reweight scales the single most anomalous patch; it does not combine with topk > 0")
+        if self.coreset_chunk is not None and (isinstance(self.coreset_chunk, bool)
+                                               or not isinstance(self.coreset_chunk, int) or self.coreset_chunk < 1):
+            raise ThreecadError(f"coreset_chunk must be a number of patches >= 1 (or None), got {coreset_chunk}")
         if self.num_neighbors < 1 or self.neighbourhood < 1:
             raise ThreecadError("num_neighbors and neighbourhood must be >= 1")
         if not self.layers:
@@ -165,7 +175,8 @@ class PatchCore(Method):
             target = min(target, int(self.max_bank))
         log.info("patchcore: %d training patches of dim %d -> bank of %d", len(patches), patches.shape[1], target)
         if target < len(patches):
-            index = greedy_coreset(patches.to(self._device()), target, self.projection_dim, self.seed)
+            index = chunked_greedy_coreset(patches.to(self._device()), target, self.coreset_chunk,
+                                           self.projection_dim, self.seed)
             patches = patches[index.cpu()]
         self.memory_bank = patches.contiguous()
         return self

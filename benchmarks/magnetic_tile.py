@@ -3,15 +3,22 @@
 Usage (after ``3cad data import-folder ... --validation-fraction 0.15``)::
 
     python benchmarks/magnetic_tile.py DATASET [--category Magnetic_Tile] [--train-images 200]
-        [--configs NAME ...] [--kinds painted texture dark edge] [--threads 2]
+        [--configs NAME ...] [--kinds painted texture dark edge] [--threads 2] [--bank random|coreset]
     python benchmarks/magnetic_tile.py DATASET --run RUN_DIR [--variant topk=0.03 --variant ...]
 
-Each configuration is fitted on a seeded subset of ``train/good`` and scored on the validation set
-of :func:`baselines.validation.make_validation_set` (each ``validation/good`` image unchanged and
-once per anomaly kind), with the standard metrics at native resolution, per kind (that kind's
-images against all the normals) and over everything. Prints one line per configuration and kind,
-with fit and predict seconds; ``--json`` appends the numbers to a JSON-lines file. The reference run
-is the library default (``pc-squash256``): compare every line with it.
+Each configuration is fitted on a seeded subset of ``train/good`` (``--train-images 0``: all of
+them) and scored on the validation set of :func:`baselines.validation.make_validation_set` (each
+``validation/good`` image unchanged and once per anomaly kind), with the standard metrics at native
+resolution, per kind (that kind's images against all the normals) and over everything. Prints one
+line per configuration and kind, with fit and predict seconds; ``--json`` appends the numbers to a
+JSON-lines file. The reference run is the library default (``pc-squash256``): compare every line
+with it.
+
+PatchCore's bank is a random 40k-patch sample by default (fits take seconds; it overrides a
+configuration's bank options). ``--bank coreset`` keeps the library's greedy coreset and the
+configuration's bank options, as ``3cad train`` does: rank the final candidates that way, on all
+training images, since a 200-image random bank underrates every configuration at pixel level
+(docs/methods.md).
 
 ``--run`` scores an already trained run folder (CFRG, say) instead, once per ``--variant`` of its
 inference options (``KEY=VALUE`` pairs joined by ``,``; the saved settings are the reference).
@@ -29,6 +36,7 @@ import numpy as np
 import torch
 
 from baselines import build, load_method
+from baselines.base import Method
 from baselines.batching import iter_batches
 from baselines.runner import native_size_maps, read_run
 from baselines.validation import KINDS, make_validation_set
@@ -38,8 +46,8 @@ from threecad.io import image_size
 from threecad.layout import list_samples
 from threecad.metrics import Evaluator
 
-#: Bank settings shared by the PatchCore configurations (a random bank: fit time stays small).
-BANK = {"coreset_ratio": 1.0, "max_patches": 40_000}
+#: PatchCore bank settings per ``--bank``: a random sample (fits take seconds) or the library's coreset.
+BANKS = {"random": {"coreset_ratio": 1.0, "max_patches": 40_000}, "coreset": {}}
 
 CONFIGS: dict[str, tuple[str, dict, int, str, str]] = {
     # name: (method, options, size, resize, exposure)
@@ -60,11 +68,21 @@ CONFIGS: dict[str, tuple[str, dict, int, str, str]] = {
     "pc-squash256-exposure-top3%-balanced-s8s16s32": ("patchcore", {"topk": 0.03, "balance_stages": True,
                                                                     "layers": ["stride8", "stride16", "stride32"]},
                                                       256, "squash", "mean"),
+    # Every training patch a candidate, greedy coreset per 50k-patch chunk (run with --bank coreset).
+    "pc-squash256-exposure-top3%-chunk50k": ("patchcore", {"topk": 0.03, "max_patches": None,
+                                                           "coreset_chunk": 50_000}, 256, "squash", "mean"),
     "pc-aspect320": ("patchcore", {}, 320, "aspect", "raw"),
     "pc-squash256-s4s8s16": ("patchcore", {"layers": ["stride4", "stride8", "stride16"]}, 256, "squash", "raw"),
     "padim-squash256": ("padim", {}, 256, "squash", "raw"),
     "padim-squash256-exposure-top3%": ("padim", {"topk": 0.03}, 256, "squash", "mean"),
 }
+
+
+def configured(name: str, bank: str, seed: int) -> tuple[Method, int, str, str]:
+    """The unfitted method of configuration ``name`` with ``bank``'s PatchCore bank, and its input settings."""
+    method_name, options, size, resize, exposure = CONFIGS[name]
+    options = {**options, **BANKS[bank]} if method_name == "patchcore" else options
+    return build(method_name, device="cpu", seed=seed, **options), size, resize, exposure
 
 
 def score(method, val_root: Path, category: str, size: int, resize: str, exposure: str) -> tuple[dict, float]:
@@ -109,7 +127,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dataset", type=Path)
     parser.add_argument("--category", default="Magnetic_Tile")
-    parser.add_argument("--train-images", type=int, default=200)
+    parser.add_argument("--train-images", type=int, default=200, help="0: all training images.")
+    parser.add_argument("--bank", choices=list(BANKS), default="random", help="PatchCore memory bank.")
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME")
     parser.add_argument("--kinds", nargs="*", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--seed", type=int, default=0)
@@ -135,12 +154,12 @@ def main() -> None:
         else:
             train_samples = list_samples(args.dataset, args.category, "train")
             rng = np.random.default_rng(args.seed)
-            count = min(args.train_images, len(train_samples))
+            count = len(train_samples) if args.train_images <= 0 else min(args.train_images, len(train_samples))
             subset = [train_samples[i] for i in sorted(rng.choice(len(train_samples), count, replace=False))]
+            for name in args.configs:  # every configuration's options are checked before any fit
+                configured(name, args.bank, args.seed)
             for name in args.configs:
-                method_name, options, size, resize, exposure = CONFIGS[name]
-                options = {**BANK, **options} if method_name == "patchcore" else options
-                method = build(method_name, device="cpu", seed=args.seed, **options)
+                method, size, resize, exposure = configured(name, args.bank, args.seed)
                 train = AnomalyDataset(args.dataset, args.category, "train", size=size, resize=resize,
                                        samples=subset, exposure=exposure)
                 start = time.perf_counter()
@@ -153,6 +172,7 @@ def main() -> None:
             with open(args.json, "a") as handle:
                 for name, metrics, fit_s, pred_s in results:
                     handle.write(json.dumps({"config": name, "run": str(args.run or ""), "seed": args.seed,
+                                             "bank": args.bank, "train_images": args.train_images,
                                              "fit_s": fit_s, "predict_s": pred_s, "metrics": metrics}) + "\n")
 
 

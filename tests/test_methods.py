@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 import baselines.features as features_module
 from baselines import available, build, load_method
 from baselines.aggregation import combine_stages, gaussian_blur, local_aggregate, top_fraction_mean
-from baselines.coreset import greedy_coreset
+from baselines.coreset import chunked_greedy_coreset, greedy_coreset
 from baselines.knn import nearest_neighbors
 from baselines.padim import PaDiM, mahalanobis
 from baselines.patchcore import PatchCore
@@ -80,6 +80,14 @@ def test_unknown_option_and_method_are_clear_errors():
         build("patchcore", coreset_ratio=0.0)
 
 
+def test_none_is_accepted_only_where_the_option_allows_it():
+    # max_patches: int | None (None = every patch a coreset candidate); sigma: float only.
+    assert build("patchcore", max_patches=None).max_patches is None
+    assert build("patchcore", coreset_chunk=1000).coreset_chunk == 1000
+    with pytest.raises(ThreecadError, match="option sigma takes a number, got None"):
+        build("patchcore", sigma=None)
+
+
 def test_unfitted_predict_is_a_clear_error(fake_backbone):
     with pytest.raises(ThreecadError, match="not fitted"):
         PatchCore(device="cpu").predict(torch.rand(1, 3, 32, 32))
@@ -121,6 +129,32 @@ def test_projected_coreset_covers_nearly_as_well():
     assert radius(projected) <= 1.25 * radius(exact)
     random_subset = rng.choice(len(points), 50, replace=False)
     assert radius(exact) < radius(random_subset)
+
+
+def test_chunked_coreset_is_greedy_per_chunk_with_proportional_shares():
+    rng = np.random.default_rng(6)
+    points = rng.normal(size=(250, 5)).astype(np.float32)
+    got = chunked_greedy_coreset(torch.from_numpy(points), 30, chunk_size=100, projection_dim=None, seed=2)
+    assert len(got) == 30 and len(set(got.tolist())) == 30
+    # ceil(250 / 100) = 3 near-equal chunks [0, 84), [84, 167), [167, 250): shares 10.08, 9.96, 9.96
+    # -> 10 each; every chunk is brute-force greedy k-center on its own points.
+    bounds = [(0, 84), (84, 167), (167, 250)]
+    pieces = np.split(got.numpy(), [10, 20])
+    for (lo, hi), piece in zip(bounds, pieces):
+        assert ((piece >= lo) & (piece < hi)).all()
+        local = (piece - lo).tolist()
+        assert local == _brute_force_k_center(points[lo:hi].astype(np.float64), 10, local[0])
+    # No chunking (None, or a chunk at least as large as the data) is the global greedy pass.
+    whole = greedy_coreset(torch.from_numpy(points), 30, projection_dim=None, seed=2).tolist()
+    assert chunked_greedy_coreset(torch.from_numpy(points), 30, None, None, 2).tolist() == whole
+    assert chunked_greedy_coreset(torch.from_numpy(points), 30, 250, None, 2).tolist() == whole
+
+
+def test_chunked_coreset_shares_follow_largest_remainders():
+    points = torch.from_numpy(np.random.default_rng(7).normal(size=(10, 3)).astype(np.float32))
+    got = chunked_greedy_coreset(points, 5, chunk_size=4, projection_dim=None).numpy()
+    # chunks [0, 4), [4, 7), [7, 10): exact shares 2.0, 1.5, 1.5 -> 2, 2, 1 (ties: first chunk first)
+    assert [int(((got >= lo) & (got < hi)).sum()) for lo, hi in [(0, 4), (4, 7), (7, 10)]] == [2, 2, 1]
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -231,6 +265,21 @@ def test_patchcore_scores_are_nearest_bank_distances(fake_backbone):
     scores, maps = model.predict(test)
     np.testing.assert_allclose(scores, ref.reshape(2, -1).max(1), rtol=1e-4)
     assert maps.shape == (2, 48, 48)
+
+
+def test_patchcore_chunked_bank_is_the_chunked_coreset_of_all_patches(fake_backbone):
+    images = ImageList(_images(4, 48, 48))
+    model = PatchCore(device="cpu", coreset_ratio=0.25, max_patches=None, coreset_chunk=100).fit(images)
+    patches = torch.cat([model.embed(torch.stack(_images(4, 48, 48)))]).reshape(-1, model.memory_bank.shape[1])
+    index = chunked_greedy_coreset(patches, round(0.25 * len(patches)), 100, model.projection_dim, model.seed)
+    torch.testing.assert_close(model.memory_bank, patches[index])
+    assert len(patches) == 144  # 4 images x 6 x 6 patches: two chunks, not one global pass
+    whole = greedy_coreset(patches, len(index), model.projection_dim, model.seed)
+    assert sorted(whole.tolist()) != sorted(index.tolist())
+    with pytest.raises(ThreecadError, match="coreset_chunk"):
+        PatchCore(coreset_chunk=0)
+    with pytest.raises(ThreecadError, match="coreset_chunk"):
+        PatchCore(coreset_chunk="many")
 
 
 def test_patchcore_reweighting_follows_the_formula(fake_backbone):

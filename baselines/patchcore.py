@@ -127,7 +127,7 @@ class PatchCore(Method):
             raise ThreecadError("reweight scales the single most anomalous patch; it does not combine with topk > 0")
         if self.coreset_chunk is not None and (isinstance(self.coreset_chunk, bool)
                                                or not isinstance(self.coreset_chunk, int) or self.coreset_chunk < 1):
-            raise ThreecadError(f"coreset_chunk must be a number of patches >= 1 (or None), got {coreset_chunk}")
+            raise ThreecadError(f"coreset_chunk must be a whole number of patches >= 1, or None (null) for one global pass, got {coreset_chunk!r}")
         if self.num_neighbors < 1 or self.neighbourhood < 1:
             raise ThreecadError("num_neighbors and neighbourhood must be >= 1")
         if not self.layers:

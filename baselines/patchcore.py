@@ -57,7 +57,8 @@ class PatchCore(Method):
         Run the greedy selection on chunks of this many patches (whole images), each keeping
         ``coreset_ratio`` of its patches (:func:`baselines.coreset.chunked_greedy_coreset`): ``c``
         chunks cost ``1 / c`` of one global pass, so with ``max_patches=None`` every training patch
-        is a candidate at a fit time that grows linearly with the data. ``None``: one global pass.
+        is a candidate at a fit time that grows linearly with the data (memory still holds all of
+        them: patches x channels floats). ``None``: one global pass.
     projection_dim:
         Random-projection dimension used for the coreset distances.
     num_neighbors:

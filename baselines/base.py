@@ -17,6 +17,7 @@ import inspect
 import io
 import json
 import logging
+import typing
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
@@ -149,9 +150,10 @@ def _check_option_types(cls: type[Method], name: str, config: dict[str, Any]) ->
     """Options whose default is a bool or a number must get one: ``bool("false")`` is True, so a text
     value (``--set reweight=maybe``) would otherwise be accepted silently or fail deep inside."""
     params = inspect.signature(cls.__init__).parameters
+    hints = typing.get_type_hints(cls.__init__)
     for key, value in config.items():
         default = params[key].default
-        if value is None and "None" in str(params[key].annotation):  # e.g. max_patches: int | None
+        if value is None and type(None) in typing.get_args(hints.get(key)):  # e.g. max_patches: int | None
             continue
         if isinstance(default, bool) and not isinstance(value, bool):
             raise ThreecadError(f"method {name!r} option {key} takes true or false, got {value!r}")

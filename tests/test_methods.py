@@ -17,7 +17,13 @@ from sklearn.metrics import roc_auc_score
 
 import baselines.features as features_module
 from baselines import available, build, load_method
-from baselines.aggregation import combine_stages, gaussian_blur, local_aggregate, top_fraction_mean
+from baselines.aggregation import (
+    combine_stages,
+    gaussian_blur,
+    local_aggregate,
+    top_fraction_mean,
+    upsample_maps,
+)
 from baselines.coreset import chunked_greedy_coreset, greedy_coreset
 from baselines.knn import nearest_neighbors
 from baselines.padim import PaDiM, mahalanobis
@@ -299,6 +305,50 @@ def test_patchcore_reweighting_follows_the_formula(fake_backbone):
     weight = 1 - np.exp(d[worst, star]) / np.exp(d[worst, hood]).sum()
     assert reweighted[0] == pytest.approx(raw[0] * weight, rel=1e-4)
     assert 3 / 4 <= weight < 1
+
+
+def test_patchcore_calibration_is_the_leave_one_out_mean_score_map(fake_backbone):
+    images = _images(4, 48, 48)
+    model = PatchCore(device="cpu", coreset_ratio=1.0, max_patches=None, calibration_images=10)
+    model.fit(ImageList(images))
+    feats = [model.embed(img[None])[0].reshape(-1, model.memory_bank.shape[1]).double().numpy() for img in images]
+    loo = [cdist(f, np.concatenate([g for j, g in enumerate(feats) if j != i])).min(1) for i, f in enumerate(feats)]
+    expected = np.mean(loo, 0).reshape(6, 6)
+    np.testing.assert_allclose(model.position_baseline.numpy(), expected - expected.mean(), atol=1e-4)
+
+
+def test_patchcore_calibration_corrects_every_map_by_position(fake_backbone, tmp_path):
+    model = PatchCore(device="cpu", coreset_ratio=0.5, sigma=0.0, topk=0.05, calibration_images=3)
+    model.fit(ImageList(_images(5, 48, 64)))
+    assert model.position_baseline.shape == (6, 8) and abs(float(model.position_baseline.mean())) < 1e-5
+    plain = PatchCore(device="cpu", coreset_ratio=0.5, sigma=0.0, topk=0.05)
+    plain.load_state_dict(model.state_dict())
+    test = torch.stack(_images(2, 48, 64, seed=3))
+    scores, maps = model.predict(test)
+    raw_scores, raw_maps = plain.predict(test)
+    shift = upsample_maps(model.position_baseline[None], (48, 64), 0.0)[0].numpy()
+    np.testing.assert_allclose(raw_maps - maps, np.stack([shift, shift]), atol=1e-4)
+    np.testing.assert_allclose(scores, top_fraction_mean(torch.from_numpy(maps), 0.05).numpy(), rtol=1e-5)
+    assert not np.allclose(scores, raw_scores)
+    model.save(tmp_path / "run")
+    loaded = load_method(tmp_path / "run")
+    np.testing.assert_array_equal(loaded.predict(test)[1], maps)
+    off = load_method(tmp_path / "run", calibration_images=0)  # switched off at predict time, no refit
+    np.testing.assert_allclose(off.predict(test)[1], raw_maps)
+    assert model.predict(torch.rand(1, 3, 96, 64))[1].shape == (1, 96, 64)  # other grids: baseline resized
+
+
+def test_patchcore_calibration_errors_are_clear(fake_backbone):
+    for bad in (-1, True, 2.5, "abc"):
+        with pytest.raises(ThreecadError, match="calibration_images"):
+            PatchCore(calibration_images=bad)
+    with pytest.raises(ThreecadError, match="at least 2 training images"):
+        PatchCore(device="cpu", calibration_images=1).fit(ImageList(_images(1, 32, 32)))
+    uncalibrated = PatchCore(device="cpu").fit(ImageList(_images(2, 32, 32)))
+    needs = PatchCore(device="cpu", calibration_images=2)
+    needs.load_state_dict(uncalibrated.state_dict())
+    with pytest.raises(ThreecadError, match="fitted without calibration"):
+        needs.predict(torch.stack(_images(1, 32, 32)))
 
 
 @pytest.mark.parametrize("name", ["patchcore", "padim"])

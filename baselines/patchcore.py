@@ -10,6 +10,7 @@ patch is as anomalous as its distance to the nearest bank entry. The pieces live
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -217,12 +218,13 @@ class PatchCore(Method):
     def _leave_one_out_baseline(self, held: list, origin: torch.Tensor) -> torch.Tensor:
         """Mean patch-score map of the calibration images, each scored without its own bank entries.
 
-        Maps of other grid sizes (``--resize aspect``) are resized to the first image's grid first.
-        Centred on zero: only the differences between positions matter.
+        Under ``--resize aspect`` or native sizes the grids differ: every map is resized to the most
+        common grid first (ties: the first seen). Centred on zero: only the differences between
+        positions matter.
         """
         bank = self._bank()
         origin = origin.to(bank.device)
-        grid = held[0][2]
+        grid = Counter(g for _, _, g in held).most_common(1)[0][0]
         total = torch.zeros(grid, device=bank.device)
         for index, feats, (h, w) in progress(held, desc="patchcore calibration"):
             others = bank[origin != index]

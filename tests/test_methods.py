@@ -338,6 +338,21 @@ def test_patchcore_calibration_corrects_every_map_by_position(fake_backbone, tmp
     assert model.predict(torch.rand(1, 3, 96, 64))[1].shape == (1, 96, 64)  # other grids: baseline resized
 
 
+def test_patchcore_calibration_of_mixed_sizes_lives_on_the_most_common_grid(fake_backbone):
+    images = _images(2, 32, 48) + _images(3, 48, 32, seed=1)
+    model = PatchCore(device="cpu", coreset_ratio=1.0, max_patches=None, calibration_images=5).fit(ImageList(images))
+    assert model.position_baseline.shape == (6, 4)
+    feats = [model.embed(img[None])[0] for img in images]
+    flat = [f.reshape(-1, f.shape[-1]).double().numpy() for f in feats]
+    maps = []
+    for i, f in enumerate(flat):
+        d = cdist(f, np.concatenate([g for j, g in enumerate(flat) if j != i])).min(1)
+        m = torch.from_numpy(d.reshape(feats[i].shape[:2])).float()[None, None]
+        maps.append(F.interpolate(m, size=(6, 4), mode="bilinear", align_corners=False)[0, 0].numpy())
+    expected = np.mean(maps, 0)
+    np.testing.assert_allclose(model.position_baseline.numpy(), expected - expected.mean(), atol=1e-4)
+
+
 def test_patchcore_calibration_errors_are_clear(fake_backbone):
     for bad in (-1, True, 2.5, "abc"):
         with pytest.raises(ThreecadError, match="calibration_images"):

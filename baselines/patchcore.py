@@ -231,10 +231,7 @@ class PatchCore(Method):
             if len(others) == 0:
                 raise ThreecadError("every memory-bank entry comes from one image: calibration needs a bank from several images")
             dist, _ = nearest_neighbors(feats.to(bank.device), others, self.num_neighbors, self.block_mb * 2**20)
-            scores = dist.mean(1).reshape(1, 1, h, w)
-            if (h, w) != grid:
-                scores = F.interpolate(scores, size=grid, mode="bilinear", align_corners=False)
-            total += scores[0, 0]
+            total += upsample_maps(dist.mean(1).reshape(1, h, w), grid, 0.0)[0]
         baseline = total / len(held)
         log.info("patchcore: positional baseline from %d images spans %.3g (mean patch score %.3g)",
                  len(held), float(baseline.max() - baseline.min()), float(baseline.mean()))
@@ -274,10 +271,7 @@ class PatchCore(Method):
         if self.position_baseline is None:
             raise ThreecadError("this PatchCore was fitted without calibration: fit again with calibration_images > 0, "
                                 "or predict with calibration_images=0")
-        baseline = self.position_baseline.to(device)
-        if tuple(baseline.shape) != grid:
-            baseline = F.interpolate(baseline[None, None], size=grid, mode="bilinear", align_corners=False)[0, 0]
-        return baseline
+        return upsample_maps(self.position_baseline.to(device)[None], grid, 0.0)[0]
 
     def _reweight(self, patches: torch.Tensor, best: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Weight 1 - exp(d(m_test, m*)) / sum_{m in N_b(m*)} exp(d(m_test, m)) of the paper (eq. 7).

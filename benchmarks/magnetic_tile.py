@@ -49,7 +49,7 @@ from threecad.metrics import Evaluator
 #: PatchCore bank settings per ``--bank``: a random sample (fits take seconds) or the library's coreset.
 BANKS = {"random": {"coreset_ratio": 1.0, "max_patches": 40_000}, "coreset": {}}
 
-CONFIGS: dict[str, tuple[str, dict, int, str, str]] = {
+CONFIGS: dict[str, tuple[str, dict, int | None, str, str]] = {
     # name: (method, options, size, resize, exposure)
     "pc-squash256": ("patchcore", {}, 256, "squash", "raw"),
     "pc-squash256-exposure": ("patchcore", {}, 256, "squash", "mean"),
@@ -76,8 +76,9 @@ CONFIGS: dict[str, tuple[str, dict, int, str, str]] = {
                                            "mean"),
     "pc-squash320-exposure-top3%-cal100": ("patchcore", {"topk": 0.03, "calibration_images": 100}, 320, "squash",
                                            "mean"),
-    "pc-native-exposure-top3%": ("patchcore", {"topk": 0.03}, 0, "native", "mean"),
-    "pc-native-exposure-top3%-cal100": ("patchcore", {"topk": 0.03, "calibration_images": 100}, 0, "native", "mean"),
+    "pc-native-exposure-top3%": ("patchcore", {"topk": 0.03}, None, "native", "mean"),
+    "pc-native-exposure-top3%-cal100": ("patchcore", {"topk": 0.03, "calibration_images": 100}, None, "native",
+                                        "mean"),
     "pc-aspect320-exposure-top3%-cal100": ("patchcore", {"topk": 0.03, "calibration_images": 100}, 320, "aspect",
                                            "mean"),
     "pc-squash256-s4s8s16": ("patchcore", {"layers": ["stride4", "stride8", "stride16"]}, 256, "squash", "raw"),
@@ -86,14 +87,14 @@ CONFIGS: dict[str, tuple[str, dict, int, str, str]] = {
 }
 
 
-def configured(name: str, bank: str, seed: int) -> tuple[Method, int, str, str]:
+def configured(name: str, bank: str, seed: int) -> tuple[Method, int | None, str, str]:
     """The unfitted method of configuration ``name`` with ``bank``'s PatchCore bank, and its input settings."""
     method_name, options, size, resize, exposure = CONFIGS[name]
     options = {**options, **BANKS[bank]} if method_name == "patchcore" else options
     return build(method_name, device="cpu", seed=seed, **options), size, resize, exposure
 
 
-def score(method, val_root: Path, category: str, size: int, resize: str, exposure: str) -> tuple[dict, float]:
+def score(method, val_root: Path, category: str, size: int | None, resize: str, exposure: str) -> tuple[dict, float]:
     """Metrics per anomaly kind (that kind + every normal) and over all kinds (``"all"``)."""
     evaluator = Evaluator()
     data = AnomalyDataset(val_root, category, "test", size=size, resize=resize, exposure=exposure)

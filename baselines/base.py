@@ -181,6 +181,7 @@ def load_method(path: str | Path, **overrides: Any) -> Method:
     except FileNotFoundError:
         raise ThreecadError(f"{WEIGHTS_FILE} is missing", path) from None
     except Exception as exc:
-        raise ThreecadError(f"unreadable weights ({exc.__class__.__name__}: {exc})", weights) from None
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ThreecadError(f"unreadable weights ({exc.__class__.__name__}: {first_line})", weights) from None
     method.load_state_dict(state)
     return method

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines.base import CONFIG_FILE, build, get_method, load_method
+from baselines.base import CONFIG_FILE, Method, build, get_method, load_method
 from baselines.batching import iter_batches
 from threecad import __version__
 from threecad.data import AnomalyDataset, check_exposure
@@ -216,15 +216,23 @@ def predict(
     if device is not None:
         resolve_device(device)
     rows: dict[tuple[str, str], float] = {}
-    for run_dir in runs:
+
+    def loaded(run_dir: Path) -> tuple[dict, Method]:
         info = read_run(run_dir)
-        category = info["category"]
-        if category not in present:
-            raise ThreecadError(f"run {run_dir} is for category {category!r}, which the dataset lacks", dataset)
+        if info["category"] not in present:
+            raise ThreecadError(f"run {run_dir} is for category {info['category']!r}, which the dataset lacks", dataset)
         overrides = dict(config or {})
         if device is not None and "device" in json.loads((run_dir / CONFIG_FILE).read_text())["config"]:
             overrides["device"] = device
-        method = load_method(run_dir, **overrides)
+        return info, load_method(run_dir, **overrides)
+
+    # A broken run is reported before any map is written. The models are not kept: every category's
+    # CFRG network at once would not fit in memory, so each is loaded again when its turn comes.
+    for run_dir in runs[1:]:
+        loaded(run_dir)
+    for run_dir in runs:
+        info, method = loaded(run_dir)
+        category = info["category"]
         test_set = AnomalyDataset(dataset, category, "test", size=info["size"], resize=info["resize"],
                                   exposure=info.get("exposure", "raw"))
         by_path = {str(s.image_path): s for s in test_set.samples}

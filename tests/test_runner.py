@@ -167,6 +167,17 @@ def test_user_errors_are_one_line_exit_1(synth_root, tmp_path):
     assert not (tmp_path / "r").exists()  # the failed fit leaves no empty run folder behind
 
 
+def test_a_broken_run_stops_predict_before_any_map_is_written(synth_root, tmp_path):
+    runs = runner.train("padim", synth_root, "all", out=tmp_path / "runs", device="cpu", size=64)
+    (runs[1] / "weights.pt").write_bytes(b"garbage")  # the second category's run only
+    result = CliRunner().invoke(cli, ["predict", "--run", str(tmp_path / "runs"), "--dataset", str(synth_root),
+                                      "--out", str(tmp_path / "pred")])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and lines[0].endswith(")") and "weights.pt: unreadable weights" in lines[0], result.output
+    assert not (tmp_path / "pred").exists()
+
+
 def test_methods_command_lists_both():
     result = CliRunner().invoke(cli, ["methods"])
     assert result.exit_code == 0

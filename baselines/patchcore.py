@@ -10,7 +10,6 @@ patch is as anomalous as its distance to the nearest bank entry. The pieces live
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,6 +27,39 @@ from threecad.errors import ThreecadError
 from threecad.progress import progress
 
 log = logging.getLogger(__name__)
+
+#: Border distances (in patch cells) the calibration of mixed grid sizes tells apart; farther cells
+#: share one value. 8 cells is 64 px at stride 8, where the magnetic-tile bias has faded.
+BORDER_CELLS = 8
+
+
+def border_distances(grid: tuple[int, int], limit: int = BORDER_CELLS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance of each row (column) of a ``grid`` to the nearer top/bottom (left/right) border, at most ``limit``."""
+    rows, cols = (torch.minimum(torch.arange(n), torch.arange(n).flip(0)).clamp(max=limit) for n in grid)
+    return rows, cols
+
+
+def border_table(maps: list[torch.Tensor], limit: int = BORDER_CELLS) -> torch.Tensor:
+    """Mean of ``maps`` (each (h, w), any sizes) per (row, column) border distance: (limit + 1, limit + 1).
+
+    A pair of distances no map reaches (a grid narrower than ``2 * limit`` cells everywhere) takes
+    the value of the nearest pair that was seen, so any grid can be looked up.
+    """
+    total = torch.zeros(limit + 1, limit + 1, dtype=torch.float64)
+    count = torch.zeros_like(total)
+    for m in maps:
+        rows, cols = border_distances(tuple(m.shape), limit)
+        index = (rows[:, None] * (limit + 1) + cols[None, :]).flatten()
+        total.view(-1).index_add_(0, index, m.flatten().double())
+        count.view(-1).index_add_(0, index, torch.ones(index.numel(), dtype=torch.float64))
+    seen = count > 0
+    table = torch.where(seen, total / count.clamp(min=1), torch.zeros_like(total))
+    if not seen.all():
+        pairs = seen.nonzero().double()
+        for a, b in (~seen).nonzero().tolist():
+            nearest = pairs[(pairs - torch.tensor([a, b], dtype=torch.float64)).abs().sum(1).argmin()].long()
+            table[a, b] = table[nearest[0], nearest[1]]
+    return table.float()
 
 
 @register
@@ -80,8 +112,9 @@ class PatchCore(Method):
         images leave-one-out (against the bank without the entries taken from that image, so they
         count as unseen), averages their patch-score maps per position, and every map then has that
         average subtracted, centred on zero so the overall level stays. Image scores come from the
-        corrected maps. 0: off (the paper). ``3cad predict --set calibration_images=0`` ignores a
-        fitted correction.
+        corrected maps. Mixed input sizes (``--resize aspect``, native) average by distance to the
+        border instead of by position (:func:`border_table`). 0: off (the paper).
+        ``3cad predict --set calibration_images=0`` ignores a fitted correction.
     batch_size, device, seed, block_mb:
         Run-time settings; ``block_mb`` bounds the memory of one distance block.
     """
@@ -150,6 +183,7 @@ class PatchCore(Method):
             raise ThreecadError("PatchCore needs at least one backbone layer")
         self.memory_bank: torch.Tensor | None = None
         self.position_baseline: torch.Tensor | None = None
+        self.border_baseline: torch.Tensor | None = None
         self._extractor = None
 
     # ------------------------------------------------------------------ features
@@ -200,7 +234,9 @@ class PatchCore(Method):
                                            self.projection_dim, self.seed).cpu()
             patches, origin = patches[index], origin[index]
         self.memory_bank = patches.contiguous()
-        self.position_baseline = self._leave_one_out_baseline(held, origin) if held else None
+        self.position_baseline = self.border_baseline = None
+        if held:
+            self._leave_one_out_baseline(held, origin)
         return self
 
     def _calibration_patches(self, patches: torch.Tensor, grids: list[tuple[int, int]]) -> list:
@@ -215,27 +251,35 @@ class PatchCore(Method):
         starts = np.cumsum([0] + [h * w for h, w in grids])
         return [(i, patches[starts[i] : starts[i + 1]].clone(), grids[i]) for i in chosen]
 
-    def _leave_one_out_baseline(self, held: list, origin: torch.Tensor) -> torch.Tensor:
+    def _leave_one_out_baseline(self, held: list, origin: torch.Tensor) -> None:
         """Mean patch-score map of the calibration images, each scored without its own bank entries.
 
-        Under ``--resize aspect`` or native sizes the grids differ: every map is resized to the most
-        common grid first (ties: the first seen). Centred on zero: only the differences between
-        positions matter.
+        One grid (squashed input): a map with one value per grid cell (``position_baseline``).
+        Several grids (``--resize aspect`` or native sizes): cell ``(i, j)`` of one image and of
+        another lie at different relative places, while the bias measured on magnetic tiles sits at
+        a fixed distance from the border. So the scores are averaged by distance to the nearest
+        top/bottom and left/right border instead, each clipped to :data:`BORDER_CELLS`
+        (``border_baseline``), and any grid looks its cells up there. Centred on the mean
+        calibration score: only the differences between positions matter.
         """
         bank = self._bank()
         origin = origin.to(bank.device)
-        grid = Counter(g for _, _, g in held).most_common(1)[0][0]
-        total = torch.zeros(grid, device=bank.device)
+        maps = []
         for index, feats, (h, w) in progress(held, desc="patchcore calibration"):
             others = bank[origin != index]
             if len(others) == 0:
                 raise ThreecadError("every memory-bank entry comes from one image: calibration needs a bank from several images")
             dist, _ = nearest_neighbors(feats.to(bank.device), others, self.num_neighbors, self.block_mb * 2**20)
-            total += upsample_maps(dist.mean(1).reshape(1, h, w), grid, 0.0)[0]
-        baseline = total / len(held)
+            maps.append(dist.mean(1).reshape(h, w).cpu())
+        level = float(torch.cat([m.flatten() for m in maps]).mean())
+        if len({tuple(m.shape) for m in maps}) == 1:
+            self.position_baseline, self.border_baseline = torch.stack(maps).mean(0) - level, None
+            spread = self.position_baseline
+        else:
+            self.position_baseline, self.border_baseline = None, border_table(maps, BORDER_CELLS) - level
+            spread = self.border_baseline
         log.info("patchcore: positional baseline from %d images spans %.3g (mean patch score %.3g)",
-                 len(held), float(baseline.max() - baseline.min()), float(baseline.mean()))
-        return (baseline - baseline.mean()).cpu()
+                 len(held), float(spread.max() - spread.min()), level)
 
     # ------------------------------------------------------------------ predict
     def _bank(self) -> torch.Tensor:
@@ -268,6 +312,9 @@ class PatchCore(Method):
         return image_scores.float().cpu().numpy(), maps.cpu().numpy().astype(np.float32)
 
     def _baseline(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        if self.border_baseline is not None:
+            rows, cols = border_distances(grid, len(self.border_baseline) - 1)
+            return self.border_baseline.to(device)[rows[:, None].to(device), cols[None, :].to(device)]
         if self.position_baseline is None:
             raise ThreecadError("this PatchCore was fitted without calibration: fit again with calibration_images > 0, "
                                 "or predict with calibration_images=0")
@@ -294,15 +341,17 @@ class PatchCore(Method):
         if self.memory_bank is None:
             raise ThreecadError("PatchCore is not fitted: nothing to save")
         state = {"memory_bank": self.memory_bank.detach().cpu()}
-        if self.position_baseline is not None:
-            state["position_baseline"] = self.position_baseline.detach().cpu()
+        for key in ("position_baseline", "border_baseline"):
+            if getattr(self, key) is not None:
+                state[key] = getattr(self, key).detach().cpu()
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if "memory_bank" not in state or state["memory_bank"].ndim != 2:
             raise ThreecadError("PatchCore weights must hold a 2-D 'memory_bank' tensor")
         self.memory_bank = state["memory_bank"].float()
-        baseline = state.get("position_baseline")
-        if baseline is not None and baseline.ndim != 2:
-            raise ThreecadError("PatchCore 'position_baseline' must be a 2-D tensor (a patch-grid map)")
-        self.position_baseline = None if baseline is None else baseline.float()
+        for key in ("position_baseline", "border_baseline"):
+            baseline = state.get(key)
+            if baseline is not None and baseline.ndim != 2:
+                raise ThreecadError(f"PatchCore {key!r} must be a 2-D tensor")
+            setattr(self, key, None if baseline is None else baseline.float())

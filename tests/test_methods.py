@@ -7,6 +7,8 @@ synthetic dataset.
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +18,7 @@ from scipy.spatial.distance import cdist
 from sklearn.metrics import roc_auc_score
 
 import baselines.features as features_module
+import baselines.patchcore as patchcore_module
 from baselines import available, build, load_method
 from baselines.aggregation import (
     combine_stages,
@@ -338,19 +341,41 @@ def test_patchcore_calibration_corrects_every_map_by_position(fake_backbone, tmp
     assert model.predict(torch.rand(1, 3, 96, 64))[1].shape == (1, 96, 64)  # other grids: baseline resized
 
 
-def test_patchcore_calibration_of_mixed_sizes_lives_on_the_most_common_grid(fake_backbone):
+def test_patchcore_calibration_of_mixed_sizes_is_a_table_by_border_distance(fake_backbone, tmp_path):
+    # Grids 4x6 and 6x4 (stride 8): border distances 0..1 and 0..2 per axis, with limit 2.
     images = _images(2, 32, 48) + _images(3, 48, 32, seed=1)
-    model = PatchCore(device="cpu", coreset_ratio=1.0, max_patches=None, calibration_images=5).fit(ImageList(images))
-    assert model.position_baseline.shape == (6, 4)
+    model = PatchCore(device="cpu", coreset_ratio=1.0, max_patches=None, calibration_images=5, sigma=0.0)
+    with patch.object(patchcore_module, "BORDER_CELLS", 2):
+        model.fit(ImageList(images))
+    assert model.position_baseline is None and model.border_baseline.shape == (3, 3)
     feats = [model.embed(img[None])[0] for img in images]
     flat = [f.reshape(-1, f.shape[-1]).double().numpy() for f in feats]
-    maps = []
-    for i, f in enumerate(flat):
-        d = cdist(f, np.concatenate([g for j, g in enumerate(flat) if j != i])).min(1)
-        m = torch.from_numpy(d.reshape(feats[i].shape[:2])).float()[None, None]
-        maps.append(F.interpolate(m, size=(6, 4), mode="bilinear", align_corners=False)[0, 0].numpy())
-    expected = np.mean(maps, 0)
-    np.testing.assert_allclose(model.position_baseline.numpy(), expected - expected.mean(), atol=1e-4)
+    sums, counts, everything = np.zeros((3, 3)), np.zeros((3, 3)), []
+    for i, f in enumerate(flat):  # brute force: every cell of every leave-one-out map, by its border distances
+        d = cdist(f, np.concatenate([g for j, g in enumerate(flat) if j != i])).min(1).reshape(feats[i].shape[:2])
+        h, w = d.shape
+        for y in range(h):
+            for x in range(w):
+                a, b = min(y, h - 1 - y, 2), min(x, w - 1 - x, 2)
+                sums[a, b] += d[y, x]
+                counts[a, b] += 1
+                everything.append(d[y, x])
+    assert counts[2, 2] == 0  # no grid reaches distance 2 on both axes: filled from a nearest seen pair
+    expected = np.where(counts > 0, sums / np.maximum(counts, 1), 0) - np.mean(everything)
+    got = model.border_baseline.numpy()
+    np.testing.assert_allclose(got[counts > 0], expected[counts > 0], atol=1e-4)
+    assert got[2, 2] in (got[1, 2], got[2, 1])
+    # Any grid looks its cells up by border distance, and the table survives a save/load round trip.
+    test = torch.stack(_images(1, 40, 56, seed=4))  # grid 5x7
+    plain = PatchCore(device="cpu", sigma=0.0)
+    plain.load_state_dict({"memory_bank": model.memory_bank})
+    raw = plain.predict(test)[1][0]
+    rows, cols = [0, 1, 2, 1, 0], [0, 1, 2, 2, 2, 1, 0]
+    shift = got[np.ix_(rows, cols)]
+    expected_map = upsample_maps(torch.from_numpy(shift)[None].float(), (40, 56), 0.0)[0].numpy()
+    np.testing.assert_allclose(raw - model.predict(test)[1][0], expected_map, atol=1e-4)
+    model.save(tmp_path / "run")
+    np.testing.assert_array_equal(load_method(tmp_path / "run").predict(test)[1], model.predict(test)[1])
 
 
 def test_patchcore_calibration_errors_are_clear(fake_backbone):

@@ -354,4 +354,6 @@ class PatchCore(Method):
             baseline = state.get(key)
             if baseline is not None and baseline.ndim != 2:
                 raise ThreecadError(f"PatchCore {key!r} must be a 2-D tensor")
+            if key == "border_baseline" and baseline is not None and baseline.shape[0] != baseline.shape[1]:
+                raise ThreecadError("PatchCore 'border_baseline' must be square (one row and column per border distance)")
             setattr(self, key, None if baseline is None else baseline.float())

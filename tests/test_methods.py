@@ -376,6 +376,8 @@ def test_patchcore_calibration_of_mixed_sizes_is_a_table_by_border_distance(fake
     np.testing.assert_allclose(raw - model.predict(test)[1][0], expected_map, atol=1e-4)
     model.save(tmp_path / "run")
     np.testing.assert_array_equal(load_method(tmp_path / "run").predict(test)[1], model.predict(test)[1])
+    with pytest.raises(ThreecadError, match="border_baseline"):
+        plain.load_state_dict({"memory_bank": model.memory_bank, "border_baseline": torch.zeros(3, 4)})
 
 
 def test_patchcore_calibration_errors_are_clear(fake_backbone):

@@ -183,5 +183,10 @@ def load_method(path: str | Path, **overrides: Any) -> Method:
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ThreecadError(f"unreadable weights ({exc.__class__.__name__}: {first_line})", weights) from None
-    method.load_state_dict(state)
+    try:
+        method.load_state_dict(state)
+    except ThreecadError as exc:  # a method's own check of its tensors: name the file it read
+        if exc.path is not None:
+            raise
+        raise ThreecadError(str(exc), weights) from None
     return method

@@ -380,6 +380,18 @@ def test_patchcore_calibration_of_mixed_sizes_is_a_table_by_border_distance(fake
         plain.load_state_dict({"memory_bank": model.memory_bank, "border_baseline": torch.zeros(3, 4)})
 
 
+def test_a_bad_tensor_in_saved_weights_is_reported_with_the_file(fake_backbone, tmp_path):
+    model = PatchCore(device="cpu", calibration_images=2).fit(ImageList(_images(3, 32, 32)))
+    model.save(tmp_path / "run")
+    weights = tmp_path / "run" / "weights.pt"
+    state = torch.load(weights)
+    state["border_baseline"] = torch.zeros(3, 4)
+    torch.save(state, weights)
+    with pytest.raises(ThreecadError, match="must be square") as info:
+        load_method(tmp_path / "run")
+    assert str(info.value).startswith(f"{weights}: ")
+
+
 def test_patchcore_calibration_errors_are_clear(fake_backbone):
     for bad in (-1, True, 2.5, "abc"):
         with pytest.raises(ThreecadError, match="calibration_images"):

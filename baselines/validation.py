@@ -11,7 +11,10 @@ synthetic anomaly (``test/<kind>``, masks in ``ground_truth/<kind>``), so ``3cad
 * ``texture``: the self-supervised training recipe (Perlin blob blended with another training image
   or a procedural texture, :func:`threecad.anomalies.texture_blob`): large, often faint regions;
 * ``dark``: a pit, hole or crack (:func:`threecad.anomalies.dark_spot`);
-* ``edge``: material missing at the border (:func:`threecad.anomalies.edge_chip`).
+* ``edge``: material missing at the border (:func:`threecad.anomalies.edge_chip`);
+* ``shade``: a large, faint, soft-edged region 12-30 % darker or brighter, like uneven grinding or a
+  worn area (:func:`threecad.anomalies.shaded_region`). Pixel-level AUROC pools every pixel, so
+  large defects weigh most in it; the other kinds are all small or high-contrast.
 
 No kind is a real defect, so a validation score ranks settings; it does not predict test figures.
 """
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from threecad.anomalies import TextureBank, dark_spot, edge_chip, texture_blob
+from threecad.anomalies import TextureBank, dark_spot, edge_chip, shaded_region, texture_blob
 from threecad.data import AnomalyDataset
 from threecad.errors import ThreecadError
 from threecad.io import read_image, save_image
@@ -32,7 +35,8 @@ from threecad.progress import progress
 from threecad.synth.surface import defect_polygon, paint_defect, polygon_mask, to_uint8
 
 DEFECT_TYPES = ("scratch", "pinhole", "dirt", "bump")
-KINDS = ("painted", "texture", "dark", "edge")
+#: New kinds go at the end: a kind's random draws are seeded by its index here.
+KINDS = ("painted", "texture", "dark", "edge", "shade")
 
 
 def _painted(image: np.ndarray, rng: np.random.Generator, max_defects: int) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +81,8 @@ def make_validation_set(
     textures = None
     if "texture" in kinds:
         textures = TextureBank(images=AnomalyDataset(dataset, category, "train", size=None, resize="native"))
-    synthesize_kind = {"texture": lambda x, rng: texture_blob(x, rng, textures), "dark": dark_spot, "edge": edge_chip}
+    synthesize_kind = {"texture": lambda x, rng: texture_blob(x, rng, textures), "dark": dark_spot, "edge": edge_chip,
+                       "shade": shaded_region}
     base = out / category
     for index, sample in enumerate(progress(samples, desc="validation set")):
         image = read_image(sample.image_path, "RGB")

@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from baselines.validation import KINDS, make_validation_set
-from threecad.anomalies import dark_spot, edge_chip
+from threecad.anomalies import dark_spot, edge_chip, shaded_region
 from threecad.data import read_mask
 from threecad.errors import ThreecadError
 from threecad.io import read_image
@@ -44,6 +44,21 @@ def test_edge_chip_replaces_material_at_one_border(seed):
     assert border
     assert np.array_equal(out[~mask], image[~mask])
     assert out[mask].max() <= 0.2
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_shaded_region_is_one_large_faint_blob_with_a_bounded_rim(seed):
+    image = _surface(seed)
+    out, mask = shaded_region(image, np.random.default_rng(seed))
+    assert mask.any() and ndimage.label(mask)[1] == 1 and 0.05 < mask.mean() <= 0.4
+    # the rim is a Gaussian of sigma 0.02 * 96 px, truncated at 4 sigma: 8 px
+    far = ~ndimage.binary_dilation(mask, structure=np.ones((3, 3)), iterations=9)
+    assert np.array_equal(out[far], image[far])
+    assert not np.array_equal(out[mask], image[mask])
+    core = ndimage.binary_erosion(mask, iterations=8)
+    if core.any():  # fully inside: the drawn 12-30 % change, give or take the grain
+        change = np.median(out[core][:, 0] / image[core][:, 0]) - 1.0
+        assert 0.1 <= abs(change) <= 0.32
 
 
 @pytest.fixture()

@@ -430,6 +430,27 @@ def edge_chip(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, 
     return np.clip(out, 0.0, 1.0).astype(np.float32), mask
 
 
+def shaded_region(image: np.ndarray, rng: np.random.Generator, min_area: float = 0.05,
+                  max_area: float = 0.4) -> tuple[np.ndarray, np.ndarray]:
+    """Uneven surface: one large blob (5-40 % of the image) 12-30 % darker or brighter, with a wide soft
+    rim and a slight grain inside.
+
+    The other kinds are small or high-contrast, while pixel-level AUROC pools every pixel, so real
+    defects covering a large share of the image (uneven grinding, worn areas) dominate it. This kind
+    lets a validation score see how a setting treats faint regions that are large.
+    """
+    height, width = image.shape[:2]
+    mask = single_blob((height, width), rng, min_area, max_area)
+    if not mask.any():
+        return image, mask
+    soft = ndimage.gaussian_filter(mask.astype(np.float32), max(1.0, 0.02 * min(height, width)))
+    grain = ndimage.gaussian_filter(rng.normal(0.0, 1.0, (height, width)).astype(np.float32), 1.5)
+    grain /= grain.std() + 1e-6
+    change = float(rng.uniform(0.12, 0.3)) * (1.0 if rng.random() < 0.5 else -1.0)
+    factor = 1.0 + soft * (change + 0.03 * grain)
+    return np.clip(image * factor[..., None], 0.0, 1.0).astype(np.float32), mask
+
+
 def texture_blob(image: np.ndarray, rng: np.random.Generator, textures: TextureBank,
                  max_area: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
     """The training recipe (Perlin mask, texture, beta blend) with the mask's area bounded, for validation."""

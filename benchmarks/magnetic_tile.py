@@ -3,7 +3,7 @@
 Usage (after ``3cad data import-folder ... --validation-fraction 0.15``)::
 
     python benchmarks/magnetic_tile.py DATASET [--category Magnetic_Tile] [--train-images 200]
-        [--configs NAME ...] [--kinds painted texture dark edge] [--threads 2] [--bank random|coreset]
+        [--configs NAME ...] [--kinds painted texture dark edge shade] [--threads 2] [--bank random|coreset]
     python benchmarks/magnetic_tile.py DATASET --run RUN_DIR [--variant topk=0.03 --variant ...]
 
 Each configuration is fitted on a seeded subset of ``train/good`` (``--train-images 0``: all of
@@ -81,6 +81,19 @@ CONFIGS: dict[str, tuple[str, dict, int | None, str, str]] = {
                                         "mean"),
     "pc-aspect320-exposure-top3%-cal100": ("patchcore", {"topk": 0.03, "calibration_images": 100}, 320, "aspect",
                                            "mean"),
+    # Sixth look (docs/methods.md): candidates scored with the ``shade`` kind added.
+    "pc-squash320-top3%-cal100": ("patchcore", {"topk": 0.03, "calibration_images": 100}, 320, "squash", "raw"),
+    "pc-squash320-exposure-top3%-cal100-sigma8": ("patchcore", {"topk": 0.03, "calibration_images": 100,
+                                                               "sigma": 8.0}, 320, "squash", "mean"),
+    "pc-squash192-exposure-top3%-cal100": ("patchcore", {"topk": 0.03, "calibration_images": 100}, 192, "squash",
+                                           "mean"),
+    "pc-squash256-exposure-top3%-balanced-s8s16s32-cal100": ("patchcore", {
+        "topk": 0.03, "balance_stages": True, "layers": ["stride8", "stride16", "stride32"],
+        "calibration_images": 100}, 256, "squash", "mean"),
+    "pc-squash256-exposure-top3%-cal100-int200": ("patchcore", {"topk": 0.03, "calibration_images": 100,
+                                                               "intensity_weight": 200.0}, 256, "squash", "mean"),
+    "pc-squash320-exposure-top3%-cal100-int200": ("patchcore", {"topk": 0.03, "calibration_images": 100,
+                                                               "intensity_weight": 200.0}, 320, "squash", "mean"),
     "pc-squash256-s4s8s16": ("patchcore", {"layers": ["stride4", "stride8", "stride16"]}, 256, "squash", "raw"),
     "padim-squash256": ("padim", {}, 256, "squash", "raw"),
     "padim-squash256-exposure-top3%": ("padim", {"topk": 0.03}, 256, "squash", "mean"),

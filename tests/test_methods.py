@@ -380,6 +380,40 @@ def test_patchcore_calibration_of_mixed_sizes_is_a_table_by_border_distance(fake
         plain.load_state_dict({"memory_bank": model.memory_bank, "border_baseline": torch.zeros(3, 4)})
 
 
+@pytest.mark.parametrize("size", [(32, 48), (36, 52)])
+def test_patchcore_intensity_feature_is_the_local_mean_grey_level(fake_backbone, tmp_path, size):
+    images = torch.stack(_images(3, *size))
+    plain = PatchCore(device="cpu", coreset_ratio=1.0, max_patches=None, sigma=0.0)
+    model = PatchCore(device="cpu", coreset_ratio=1.0, max_patches=None, sigma=0.0, intensity_weight=50.0)
+    with_grey, without = model.embed(images), plain.embed(images)
+    torch.testing.assert_close(with_grey[..., :-1], without)
+    b, h, w, _ = without.shape
+    grey = images.double().mean(1).numpy()
+    height, width = size
+    cells = np.zeros((b, h, w))  # brute force: adaptive bins [floor(i H / h), ceil((i + 1) H / h))
+    for i in range(h):
+        for j in range(w):
+            rows = slice(i * height // h, -(-(i + 1) * height // h))
+            cols = slice(j * width // w, -(-(j + 1) * width // w))
+            cells[:, i, j] = grey[:, rows, cols].mean((1, 2))
+    expected = np.zeros_like(cells)
+    for i in range(h):  # then the 3x3 neighbourhood, border windows averaging only the cells inside
+        for j in range(w):
+            expected[:, i, j] = cells[:, max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2].mean((1, 2))
+    np.testing.assert_allclose(with_grey[..., -1].double().numpy(), 50.0 * expected, rtol=1e-5, atol=1e-5)
+    # Fitted and saved with it; predicting without it (or with a bank from a plain fit) is a clear error.
+    model.fit(ImageList(list(images)))
+    assert model.memory_bank.shape[1] == without.shape[-1] + 1
+    model.save(tmp_path / "run")
+    loaded = load_method(tmp_path / "run")
+    assert loaded.intensity_weight == 50.0
+    np.testing.assert_array_equal(loaded.predict(images)[1], model.predict(images)[1])
+    with pytest.raises(ThreecadError, match="intensity_weight"):
+        load_method(tmp_path / "run", intensity_weight=0.0).predict(images)
+    with pytest.raises(ThreecadError, match="intensity_weight must be"):
+        PatchCore(intensity_weight=-1.0)
+
+
 def test_a_bad_tensor_in_saved_weights_is_reported_with_the_file(fake_backbone, tmp_path):
     model = PatchCore(device="cpu", calibration_images=2).fit(ImageList(_images(3, 32, 32)))
     model.save(tmp_path / "run")

@@ -238,7 +238,12 @@ def predict(
         by_path = {str(s.image_path): s for s in test_set.samples}
         start = time.perf_counter()
         for images, items in iter_batches(test_set, batch_size, desc=f"predict {category}"):
-            scores, maps = method.predict(images)
+            try:
+                scores, maps = method.predict(images)
+            except ThreecadError as exc:  # e.g. an override the fitted bank does not match: name the run
+                if exc.path is not None:
+                    raise
+                raise ThreecadError(str(exc), run_dir) from None
             samples = [by_path[item["path"]] for item in items]
             native = native_size_maps(maps, [image_size(s.image_path) for s in samples])
             for sample, score, amap in zip(samples, scores, native):

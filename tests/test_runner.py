@@ -124,6 +124,12 @@ def test_predict_overrides_inference_options(cli_run, synth_root, tmp_path):
     result = CliRunner().invoke(cli, ["predict", "--run", str(cli_run / "runs"), "--dataset", str(synth_root),
                                       "--out", str(tmp_path / "bad"), "--set", "topp=1"])
     assert result.exit_code == 1 and "has no option(s) topp" in result.output
+    # an override the fitted bank cannot match is one line naming the run
+    result = CliRunner().invoke(cli, ["predict", "--run", str(cli_run / "runs"), "--dataset", str(synth_root),
+                                      "--out", str(tmp_path / "bright"), "--set", "intensity_weight=50"])
+    errors = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert str(cli_run / "runs" / CATEGORY) in errors[0] and "intensity_weight" in errors[0]
 
 
 def test_same_seed_same_predictions(synth_root, tmp_path):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from threecad import __version__
-from threecad.errors import ThreecadError
+from threecad.errors import ThreecadError, located
 from threecad.io import write_bytes, write_json
 
 log = logging.getLogger(__name__)
@@ -183,10 +183,6 @@ def load_method(path: str | Path, **overrides: Any) -> Method:
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ThreecadError(f"unreadable weights ({exc.__class__.__name__}: {first_line})", weights) from None
-    try:
+    with located(weights):  # a method's own check of its tensors: name the file it read
         method.load_state_dict(state)
-    except ThreecadError as exc:  # a method's own check of its tensors: name the file it read
-        if exc.path is not None:
-            raise
-        raise ThreecadError(str(exc), weights) from None
     return method

@@ -30,7 +30,7 @@ from baselines.batching import iter_batches
 from threecad import __version__
 from threecad.data import AnomalyDataset, check_exposure
 from threecad.device import resolve_device
-from threecad.errors import ThreecadError
+from threecad.errors import ThreecadError, located
 from threecad.io import image_size, write_json
 from threecad.layout import list_categories, list_samples
 from threecad.maps import SCORES_FILE, map_relpath, write_map, write_scores
@@ -238,12 +238,8 @@ def predict(
         by_path = {str(s.image_path): s for s in test_set.samples}
         start = time.perf_counter()
         for images, items in iter_batches(test_set, batch_size, desc=f"predict {category}"):
-            try:
+            with located(run_dir):  # e.g. an override the fitted method does not match: name the run
                 scores, maps = method.predict(images)
-            except ThreecadError as exc:  # e.g. an override the fitted bank does not match: name the run
-                if exc.path is not None:
-                    raise
-                raise ThreecadError(str(exc), run_dir) from None
             samples = [by_path[item["path"]] for item in items]
             native = native_size_maps(maps, [image_size(s.image_path) for s in samples])
             for sample, score, amap in zip(samples, scores, native):

@@ -7,6 +7,8 @@ Programming errors stay ordinary exceptions and keep their tracebacks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -16,3 +18,19 @@ class ThreecadError(Exception):
     def __init__(self, message: str, path: str | Path | None = None):
         self.path = None if path is None else Path(path)
         super().__init__(f"{self.path}: {message}" if self.path is not None else message)
+
+
+@contextmanager
+def located(path: str | Path) -> Iterator[None]:
+    """Name ``path`` in a :class:`ThreecadError` raised without one inside the block.
+
+    Methods check their own tensors and options without knowing which run folder or weights file
+    they came from; the caller that read the file wraps the call, so the one-line error still
+    names it. An error that already names a file keeps it.
+    """
+    try:
+        yield
+    except ThreecadError as exc:
+        if exc.path is not None:
+            raise
+        raise ThreecadError(str(exc), path) from None

@@ -123,7 +123,7 @@ class PatchCore(Method):
         about 13-20 from their nearest bank entry, grey levels lie in [0, 1] (about 0.45 after
         ``--exposure mean``), so with ``w = 200`` (chosen on magnetic-tile validation data,
         ``docs/methods.md``) a 10 % brightness change adds 9, about half a typical distance.
-        Fit and predict must use the same value. 0: off (the paper).
+        The fitted value is saved with the bank; predicting with another is an error. 0: off (the paper).
     calibration_images:
         Normal patches are not equally far from the bank everywhere: on magnetic tiles, held-out
         normal images score about 50 % higher near the image border than in the middle, and those
@@ -207,6 +207,7 @@ class PatchCore(Method):
         self.memory_bank: torch.Tensor | None = None
         self.position_baseline: torch.Tensor | None = None
         self.border_baseline: torch.Tensor | None = None
+        self.fitted_intensity_weight = 0.0  # the bank's brightness scale; a run's config can be overridden
         self._extractor = None
 
     # ------------------------------------------------------------------ features
@@ -260,6 +261,7 @@ class PatchCore(Method):
                                            self.projection_dim, self.seed).cpu()
             patches, origin = patches[index], origin[index]
         self.memory_bank = patches.contiguous()
+        self.fitted_intensity_weight = self.intensity_weight
         self.position_baseline = self.border_baseline = None
         if held:
             self._leave_one_out_baseline(held, origin)
@@ -318,11 +320,15 @@ class PatchCore(Method):
 
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         bank = self._bank()
+        if self.intensity_weight != self.fitted_intensity_weight:
+            raise ThreecadError(f"this PatchCore was fitted with intensity_weight={self.fitted_intensity_weight:g}, "
+                                f"not {self.intensity_weight:g}: the bank holds brightness at that scale; predict "
+                                "with the fitted value")
         patches = self.embed(images)
         b, h, w, d = patches.shape
         if d != bank.shape[1]:
             raise ThreecadError(f"feature dimension {d} differs from the memory bank's {bank.shape[1]}: predict with the "
-                                "backbone, layers, feature_dim and intensity_weight (0 or not) the run was fitted with")
+                                "backbone, layers and feature_dim the run was fitted with")
         flat = patches.reshape(-1, d)
         dist, index = nearest_neighbors(flat, bank, self.num_neighbors, self.block_mb * 2**20)
         scores = dist.mean(1).reshape(b, h, w)
@@ -367,7 +373,8 @@ class PatchCore(Method):
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.memory_bank is None:
             raise ThreecadError("PatchCore is not fitted: nothing to save")
-        state = {"memory_bank": self.memory_bank.detach().cpu()}
+        state = {"memory_bank": self.memory_bank.detach().cpu(),
+                 "intensity_weight": torch.tensor(self.fitted_intensity_weight, dtype=torch.float64)}
         for key in ("position_baseline", "border_baseline"):
             if getattr(self, key) is not None:
                 state[key] = getattr(self, key).detach().cpu()
@@ -377,6 +384,10 @@ class PatchCore(Method):
         if "memory_bank" not in state or state["memory_bank"].ndim != 2:
             raise ThreecadError("PatchCore weights must hold a 2-D 'memory_bank' tensor")
         self.memory_bank = state["memory_bank"].float()
+        weight = state.get("intensity_weight", torch.tensor(0.0))  # runs saved before the option: 0
+        if weight.numel() != 1:
+            raise ThreecadError("PatchCore 'intensity_weight' must be a single number")
+        self.fitted_intensity_weight = float(weight)
         for key in ("position_baseline", "border_baseline"):
             baseline = state.get(key)
             if baseline is not None and baseline.ndim != 2:

@@ -408,8 +408,9 @@ def test_patchcore_intensity_feature_is_the_local_mean_grey_level(fake_backbone,
     loaded = load_method(tmp_path / "run")
     assert loaded.intensity_weight == 50.0
     np.testing.assert_array_equal(loaded.predict(images)[1], model.predict(images)[1])
-    with pytest.raises(ThreecadError, match="intensity_weight"):
-        load_method(tmp_path / "run", intensity_weight=0.0).predict(images)
+    for other in (0.0, 100.0):  # a bank of another scale, even of the same dimension, is refused
+        with pytest.raises(ThreecadError, match="fitted with intensity_weight=50, not"):
+            load_method(tmp_path / "run", intensity_weight=other).predict(images)
     with pytest.raises(ThreecadError, match="intensity_weight must be"):
         PatchCore(intensity_weight=-1.0)
 

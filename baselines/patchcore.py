@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -61,6 +62,14 @@ def border_table(maps: list[torch.Tensor], limit: int = BORDER_CELLS) -> torch.T
             nearest = pairs[(pairs - torch.tensor([a, b], dtype=torch.float64)).abs().sum(1).argmin()].long()
             table[a, b] = table[nearest[0], nearest[1]]
     return table.float()
+
+
+def rescale(images: torch.Tensor, factor: float) -> torch.Tensor:
+    """``images`` (B, C, H, W) resized by ``factor`` (bilinear, antialiased when shrinking); 1: unchanged."""
+    if factor == 1.0:
+        return images
+    size = (max(1, round(images.shape[-2] * factor)), max(1, round(images.shape[-1] * factor)))
+    return F.interpolate(images.float(), size=size, mode="bilinear", antialias=factor < 1, align_corners=False)
 
 
 def local_brightness(images: torch.Tensor, grid: tuple[int, int], neighbourhood: int) -> torch.Tensor:
@@ -124,6 +133,15 @@ class PatchCore(Method):
         ``--exposure mean``), so with ``w = 200`` (chosen on magnetic-tile validation data,
         ``docs/methods.md``) a 10 % brightness change adds 9, about half a typical distance.
         The fitted value is saved with the bank; predicting with another is an error. 0: off (the paper).
+    scales:
+        Input scales, each with its own bank and calibration (``[1.0]``: the paper). A faint defect
+        larger than the backbone's receptive field looks normal at full scale except near its rim;
+        a half-scale copy of the input sees it whole. With several scales, each scale's
+        full-resolution map is divided by the spread (standard deviation) of its calibration
+        images' leave-one-out patch scores, so that a unit means the same at every scale, and the
+        maps are averaged; image scores come from the average. Needs ``calibration_images > 0``
+        and costs one bank and one nearest-neighbour search per scale. A single scale other than 1
+        just resizes the input.
     calibration_images:
         Normal patches are not equally far from the bank everywhere: on magnetic tiles, held-out
         normal images score about 50 % higher near the image border than in the middle, and those
@@ -159,6 +177,7 @@ class PatchCore(Method):
         topk: float = 0.0,
         sigma: float = 4.0,
         intensity_weight: float = 0.0,
+        scales: Sequence[float] = (1.0,),
         calibration_images: int = 0,
         batch_size: int = 16,
         device: str = "auto",
@@ -182,6 +201,7 @@ class PatchCore(Method):
         self.topk = float(topk)
         self.sigma = float(sigma)
         self.intensity_weight = float(intensity_weight)
+        self.scales = [float(f) for f in scales] if isinstance(scales, (list, tuple)) else scales
         self.calibration_images = calibration_images
         self.batch_size = int(batch_size)
         self.device = device
@@ -200,6 +220,14 @@ class PatchCore(Method):
             raise ThreecadError(f"calibration_images must be a whole number of training images >= 0 (0: off), got {calibration_images!r}")
         if not math.isfinite(self.intensity_weight) or self.intensity_weight < 0:
             raise ThreecadError(f"intensity_weight must be a finite number >= 0 (0: off), got {intensity_weight!r}")
+        if (not isinstance(self.scales, list) or not self.scales or len(set(self.scales)) != len(self.scales)
+                or not all(math.isfinite(f) and 0 < f <= 4 for f in self.scales)):
+            raise ThreecadError(f"scales must be a list of distinct input scales in (0, 4], e.g. [1.0, 0.5], got {scales!r}")
+        if len(self.scales) > 1 and not calibration_images:
+            raise ThreecadError("several scales need calibration_images > 0: each scale's map is divided by the spread "
+                                "of its calibration scores before they are averaged")
+        if len(self.scales) > 1 and self.reweight:
+            raise ThreecadError("reweight scales one bank's most anomalous patch; it does not combine with several scales")
         if self.num_neighbors < 1 or self.neighbourhood < 1:
             raise ThreecadError("num_neighbors and neighbourhood must be >= 1")
         if not self.layers:
@@ -207,8 +235,10 @@ class PatchCore(Method):
         self.memory_bank: torch.Tensor | None = None
         self.position_baseline: torch.Tensor | None = None
         self.border_baseline: torch.Tensor | None = None
+        self.calibration_spread: float | None = None
         self.fitted_intensity_weight = 0.0  # the bank's brightness scale; a run's config can be overridden
         self._extractor = None
+        self._parts: list[PatchCore] | None = None  # one single-scale PatchCore per scale (several scales)
 
     # ------------------------------------------------------------------ features
     def _device(self) -> torch.device:
@@ -223,6 +253,9 @@ class PatchCore(Method):
         """Patch features (B, h, w, D) of images (B, 3, H, W) in [0, 1]."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ThreecadError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        if len(self.scales) > 1:
+            raise ThreecadError("embed works on one scale; with several scales each part embeds its own copy")
+        images = rescale(images, self.scales[0])
         maps = _features.extract(self._get_extractor(), images.to(self._device()), self.layers)
         fused = combine_stages([m.float() for m in maps], self.neighbourhood, self.balance_stages)
         b, c, h, w = fused.shape
@@ -236,6 +269,11 @@ class PatchCore(Method):
 
     # ------------------------------------------------------------------ fit
     def fit(self, train_data, validation_data=None) -> PatchCore:
+        if len(self.scales) > 1:
+            for factor, part in zip(self.scales, self._scale_parts()):
+                log.info("patchcore: fitting input scale %g", factor)
+                part.fit(train_data)
+            return self
         chunks, grids = [], []
         for images, _ in iter_batches(train_data, self.batch_size, desc="patchcore features"):
             embedded = self.embed(images)
@@ -299,7 +337,8 @@ class PatchCore(Method):
                 raise ThreecadError("every memory-bank entry comes from one image: calibration needs a bank from several images")
             dist, _ = nearest_neighbors(feats.to(bank.device), others, self.num_neighbors, self.block_mb * 2**20)
             maps.append(dist.mean(1).reshape(h, w).cpu())
-        level = float(torch.cat([m.flatten() for m in maps]).mean())
+        scores = torch.cat([m.flatten() for m in maps])
+        level, self.calibration_spread = float(scores.mean()), float(scores.std())
         if len({tuple(m.shape) for m in maps}) == 1:
             self.position_baseline, self.border_baseline = torch.stack(maps).mean(0) - level, None
             spread = self.position_baseline
@@ -319,6 +358,14 @@ class PatchCore(Method):
         return self.memory_bank
 
     def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        image_scores, maps = self._predict(images)
+        return image_scores.float().cpu().numpy(), maps.cpu().numpy().astype(np.float32)
+
+    def _predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.scales) > 1:
+            parts = self._scale_parts()
+            maps = sum(part._predict(images)[1] / part._spread() for part in parts) / len(parts)
+            return top_fraction_mean(maps, self.topk), maps
         bank = self._bank()
         if self.intensity_weight != self.fitted_intensity_weight:
             raise ThreecadError(f"this PatchCore was fitted with intensity_weight={self.fitted_intensity_weight:g}, "
@@ -342,7 +389,22 @@ class PatchCore(Method):
         maps = upsample_maps(scores.reshape(b, h, w), tuple(images.shape[-2:]), self.sigma)
         if self.topk > 0:
             image_scores = top_fraction_mean(maps, self.topk)
-        return image_scores.float().cpu().numpy(), maps.cpu().numpy().astype(np.float32)
+        return image_scores, maps
+
+    def _spread(self) -> float:
+        if self.calibration_spread is None or not self.calibration_spread > 0:
+            raise ThreecadError("this PatchCore scale has no calibration spread: fit again with calibration_images > 0")
+        return self.calibration_spread
+
+    def _scale_parts(self, share_backbone: bool = True) -> list[PatchCore]:
+        """One single-scale PatchCore per entry of ``scales``, configured like this one, sharing its backbone."""
+        if self._parts is None:
+            config = self.get_config()
+            self._parts = [PatchCore(**{**config, "scales": [factor]}) for factor in self.scales]
+        if share_backbone:
+            for part in self._parts:
+                part._extractor = self._get_extractor()
+        return self._parts
 
     def _baseline(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
         if self.border_baseline is not None:
@@ -371,16 +433,33 @@ class PatchCore(Method):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
+        if len(self.scales) > 1:
+            if self._parts is None:
+                raise ThreecadError("PatchCore is not fitted: nothing to save")
+            return {f"scale{i}.{key}": value for i, part in enumerate(self._parts)
+                    for key, value in part.state_dict().items()}
         if self.memory_bank is None:
             raise ThreecadError("PatchCore is not fitted: nothing to save")
         state = {"memory_bank": self.memory_bank.detach().cpu(),
-                 "intensity_weight": torch.tensor(self.fitted_intensity_weight, dtype=torch.float64)}
+                 "intensity_weight": torch.tensor(self.fitted_intensity_weight, dtype=torch.float64),
+                 "input_scale": torch.tensor(self.scales[0], dtype=torch.float64)}
         for key in ("position_baseline", "border_baseline"):
             if getattr(self, key) is not None:
                 state[key] = getattr(self, key).detach().cpu()
+        if self.calibration_spread is not None:
+            state["calibration_spread"] = torch.tensor(self.calibration_spread, dtype=torch.float64)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        saved_scales = {key.split(".", 1)[0] for key in state if re.match(r"scale\d+\.", key)}
+        if len(self.scales) > 1 or saved_scales:
+            if len(saved_scales) != len(self.scales) or "memory_bank" in state:
+                raise ThreecadError(f"the weights hold {len(saved_scales) or 1} scale(s), the configuration "
+                                    f"{len(self.scales)} ({self.scales}): predict with the scales the run was fitted with")
+            for i, part in enumerate(self._scale_parts(share_backbone=False)):
+                prefix = f"scale{i}."
+                part.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            return
         if "memory_bank" not in state or state["memory_bank"].ndim != 2:
             raise ThreecadError("PatchCore weights must hold a 2-D 'memory_bank' tensor")
         self.memory_bank = state["memory_bank"].float()
@@ -388,6 +467,14 @@ class PatchCore(Method):
         if weight.numel() != 1:
             raise ThreecadError("PatchCore 'intensity_weight' must be a single number")
         self.fitted_intensity_weight = float(weight)
+        fitted_scale = state.get("input_scale", torch.tensor(1.0))  # runs saved before the option: 1
+        spread = state.get("calibration_spread")
+        if fitted_scale.numel() != 1 or (spread is not None and spread.numel() != 1):
+            raise ThreecadError("PatchCore 'input_scale' and 'calibration_spread' must be single numbers")
+        if float(fitted_scale) != self.scales[0]:
+            raise ThreecadError(f"this PatchCore bank was fitted at input scale {float(fitted_scale):g}, not "
+                                f"{self.scales[0]:g}: predict with the scales the run was fitted with")
+        self.calibration_spread = None if spread is None else float(spread)
         for key in ("position_baseline", "border_baseline"):
             baseline = state.get(key)
             if baseline is not None and baseline.ndim != 2:

@@ -415,6 +415,49 @@ def test_patchcore_intensity_feature_is_the_local_mean_grey_level(fake_backbone,
         PatchCore(intensity_weight=-1.0)
 
 
+def test_patchcore_scales_average_each_scales_map_over_its_calibration_spread(fake_backbone, tmp_path):
+    images = _images(5, 64, 64)
+    config = {"device": "cpu", "coreset_ratio": 1.0, "max_patches": None, "calibration_images": 5, "sigma": 0.0,
+              "topk": 0.05}
+    model = PatchCore(scales=[1.0, 0.5], **config).fit(ImageList(images))
+    test = torch.stack(_images(2, 64, 64, seed=3))
+    expected = np.zeros((2, 64, 64))
+    for factor in (1.0, 0.5):  # reference: plain single-scale fits on copies shrunk beforehand, scored by cdist
+        def shrink(x, factor=factor):
+            return x if factor == 1 else F.interpolate(x, scale_factor=factor, mode="bilinear", antialias=True)
+        small = [shrink(img[None])[0] for img in images]
+        single = PatchCore(**config).fit(ImageList(small))
+        feats = [single.embed(img[None])[0] for img in small]
+        flat = [f.reshape(-1, f.shape[-1]).double().numpy() for f in feats]
+        loo = np.stack([cdist(f, np.concatenate([g for j, g in enumerate(flat) if j != i])).min(1)
+                        for i, f in enumerate(flat)])
+        spread = loo.std(ddof=1)
+        assert single.calibration_spread == pytest.approx(spread, rel=1e-4)
+        grid = feats[0].shape[:2]
+        embedded = single.embed(shrink(test))
+        raw = cdist(embedded.reshape(-1, embedded.shape[-1]).double().numpy(), np.concatenate(flat)).min(1)
+        corrected = raw.reshape(2, *grid) - (loo.mean(0) - loo.mean()).reshape(grid)
+        expected += upsample_maps(torch.from_numpy(corrected).float(), (64, 64), 0.0).double().numpy() / spread / 2
+    scores, maps = model.predict(test)
+    np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(scores, top_fraction_mean(torch.from_numpy(maps), 0.05).numpy(), rtol=1e-5)
+    model.save(tmp_path / "run")
+    np.testing.assert_array_equal(load_method(tmp_path / "run").predict(test)[1], maps)
+    with pytest.raises(ThreecadError, match="hold 2 scale"):
+        load_method(tmp_path / "run", scales=[1.0])
+    with pytest.raises(ThreecadError, match="fitted at input scale 0.5, not 0.25"):  # same count, other scale
+        load_method(tmp_path / "run", scales=[1.0, 0.25])
+    single = PatchCore(device="cpu").fit(ImageList(images))
+    single.save(tmp_path / "single")
+    with pytest.raises(ThreecadError, match="fitted at input scale 1, not 0.5"):
+        load_method(tmp_path / "single", scales=[0.5])
+    with pytest.raises(ThreecadError, match="need calibration_images"):
+        PatchCore(scales=[1.0, 0.5])
+    for bad in ([], [1.0, 1.0], [0.0], [-0.5], 0.5, [float("nan")]):
+        with pytest.raises(ThreecadError, match="scales must be"):
+            PatchCore(scales=bad, calibration_images=2)
+
+
 def test_a_bad_tensor_in_saved_weights_is_reported_with_the_file(fake_backbone, tmp_path):
     model = PatchCore(device="cpu", calibration_images=2).fit(ImageList(_images(3, 32, 32)))
     model.save(tmp_path / "run")

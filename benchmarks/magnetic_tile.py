@@ -94,6 +94,20 @@ CONFIGS: dict[str, tuple[str, dict, int | None, str, str]] = {
                                                                "intensity_weight": 200.0}, 256, "squash", "mean"),
     "pc-squash320-exposure-top3%-cal100-int200": ("patchcore", {"topk": 0.03, "calibration_images": 100,
                                                                "intensity_weight": 200.0}, 320, "squash", "mean"),
+    # Every training patch a candidate (bank 10 % of all of them), coreset per 100k-patch chunk (--bank coreset).
+    "pc-squash256-exposure-top3%-cal100-int200-chunk100k": ("patchcore", {
+        "topk": 0.03, "calibration_images": 100, "intensity_weight": 200.0, "max_patches": None,
+        "coreset_chunk": 100_000}, 256, "squash", "mean"),
+    "pc-squash256-exposure-top3%-cal100-int200-chunk20k": ("patchcore", {
+        "topk": 0.03, "calibration_images": 100, "intensity_weight": 200.0, "max_patches": None,
+        "coreset_chunk": 20_000}, 256, "squash", "mean"),
+    # Two input scales (the input and a half-size copy), each its own bank and calibration, maps averaged.
+    "pc-ms320+160-exposure-top3%-cal100-int200-chunk20k": ("patchcore", {
+        "topk": 0.03, "calibration_images": 100, "intensity_weight": 200.0, "scales": [1.0, 0.5],
+        "max_patches": None, "coreset_chunk": 20_000}, 320, "squash", "mean"),
+    "pc-ms256+128-exposure-top3%-cal100-int200-chunk20k": ("patchcore", {
+        "topk": 0.03, "calibration_images": 100, "intensity_weight": 200.0, "scales": [1.0, 0.5],
+        "max_patches": None, "coreset_chunk": 20_000}, 256, "squash", "mean"),
     "pc-squash256-s4s8s16": ("patchcore", {"layers": ["stride4", "stride8", "stride16"]}, 256, "squash", "raw"),
     "padim-squash256": ("padim", {}, 256, "squash", "raw"),
     "padim-squash256-exposure-top3%": ("padim", {"topk": 0.03}, 256, "squash", "mean"),

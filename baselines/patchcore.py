@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 BORDER_CELLS = 8
 
 
+#: Settings a bank depends on, saved with it; predicting with other values is an error. The defaults
+#: are what runs saved before the setting existed were fitted with. Another value of either can
+#: leave the feature dimension unchanged, so the bank's shape alone would not catch it.
+FITTED_DEFAULTS = {"intensity_weight": 0.0, "input_scale": 1.0}
+
+
 def border_distances(grid: tuple[int, int], limit: int = BORDER_CELLS) -> tuple[torch.Tensor, torch.Tensor]:
     """Distance of each row (column) of a ``grid`` to the nearer top/bottom (left/right) border, at most ``limit``."""
     rows, cols = (torch.minimum(torch.arange(n), torch.arange(n).flip(0)).clamp(max=limit) for n in grid)
@@ -236,7 +242,7 @@ class PatchCore(Method):
         self.position_baseline: torch.Tensor | None = None
         self.border_baseline: torch.Tensor | None = None
         self.calibration_spread: float | None = None
-        self.fitted_intensity_weight = 0.0  # the bank's brightness scale; a run's config can be overridden
+        self.fitted: dict[str, float] = dict(FITTED_DEFAULTS)  # settings the bank was built with (see FITTED_DEFAULTS)
         self._extractor = None
         self._parts: list[PatchCore] | None = None  # one single-scale PatchCore per scale (several scales)
 
@@ -299,7 +305,7 @@ class PatchCore(Method):
                                            self.projection_dim, self.seed).cpu()
             patches, origin = patches[index], origin[index]
         self.memory_bank = patches.contiguous()
-        self.fitted_intensity_weight = self.intensity_weight
+        self.fitted = self._bank_settings()
         self.position_baseline = self.border_baseline = None
         if held:
             self._leave_one_out_baseline(held, origin)
@@ -367,10 +373,10 @@ class PatchCore(Method):
             maps = sum(part._predict(images)[1] / part._spread() for part in parts) / len(parts)
             return top_fraction_mean(maps, self.topk), maps
         bank = self._bank()
-        if self.intensity_weight != self.fitted_intensity_weight:
-            raise ThreecadError(f"this PatchCore was fitted with intensity_weight={self.fitted_intensity_weight:g}, "
-                                f"not {self.intensity_weight:g}: the bank holds brightness at that scale; predict "
-                                "with the fitted value")
+        for key, value in self._bank_settings().items():
+            if value != self.fitted[key]:
+                raise ThreecadError(f"this PatchCore was fitted with {key}={self.fitted[key]:g}, not {value:g}: the "
+                                    "bank was built with that value; predict with the fitted value")
         patches = self.embed(images)
         b, h, w, d = patches.shape
         if d != bank.shape[1]:
@@ -391,19 +397,23 @@ class PatchCore(Method):
             image_scores = top_fraction_mean(maps, self.topk)
         return image_scores, maps
 
+    def _bank_settings(self) -> dict[str, float]:
+        """The configured values of :data:`FITTED_DEFAULTS`' settings."""
+        return {"intensity_weight": self.intensity_weight, "input_scale": self.scales[0]}
+
     def _spread(self) -> float:
         if self.calibration_spread is None or not self.calibration_spread > 0:
             raise ThreecadError("this PatchCore scale has no calibration spread: fit again with calibration_images > 0")
         return self.calibration_spread
 
-    def _scale_parts(self, share_backbone: bool = True) -> list[PatchCore]:
-        """One single-scale PatchCore per entry of ``scales``, configured like this one, sharing its backbone."""
+    def _scale_parts(self) -> list[PatchCore]:
+        """One single-scale PatchCore per entry of ``scales``, configured like this one, sharing its backbone
+        (built on first use). Their own image scores are not used, so they take the cheap maximum."""
         if self._parts is None:
-            config = self.get_config()
+            config = {**self.get_config(), "topk": 0.0}
             self._parts = [PatchCore(**{**config, "scales": [factor]}) for factor in self.scales]
-        if share_backbone:
             for part in self._parts:
-                part._extractor = self._get_extractor()
+                part._get_extractor = self._get_extractor
         return self._parts
 
     def _baseline(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -441,8 +451,7 @@ class PatchCore(Method):
         if self.memory_bank is None:
             raise ThreecadError("PatchCore is not fitted: nothing to save")
         state = {"memory_bank": self.memory_bank.detach().cpu(),
-                 "intensity_weight": torch.tensor(self.fitted_intensity_weight, dtype=torch.float64),
-                 "input_scale": torch.tensor(self.scales[0], dtype=torch.float64)}
+                 **{key: torch.tensor(value, dtype=torch.float64) for key, value in self.fitted.items()}}
         for key in ("position_baseline", "border_baseline"):
             if getattr(self, key) is not None:
                 state[key] = getattr(self, key).detach().cpu()
@@ -456,24 +465,21 @@ class PatchCore(Method):
             if len(saved_scales) != len(self.scales) or "memory_bank" in state:
                 raise ThreecadError(f"the weights hold {len(saved_scales) or 1} scale(s), the configuration "
                                     f"{len(self.scales)} ({self.scales}): predict with the scales the run was fitted with")
-            for i, part in enumerate(self._scale_parts(share_backbone=False)):
+            for i, part in enumerate(self._scale_parts()):
                 prefix = f"scale{i}."
                 part.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
             return
         if "memory_bank" not in state or state["memory_bank"].ndim != 2:
             raise ThreecadError("PatchCore weights must hold a 2-D 'memory_bank' tensor")
         self.memory_bank = state["memory_bank"].float()
-        weight = state.get("intensity_weight", torch.tensor(0.0))  # runs saved before the option: 0
-        if weight.numel() != 1:
-            raise ThreecadError("PatchCore 'intensity_weight' must be a single number")
-        self.fitted_intensity_weight = float(weight)
-        fitted_scale = state.get("input_scale", torch.tensor(1.0))  # runs saved before the option: 1
+        numbers = {key: state.get(key, torch.tensor(default)) for key, default in FITTED_DEFAULTS.items()}
         spread = state.get("calibration_spread")
-        if fitted_scale.numel() != 1 or (spread is not None and spread.numel() != 1):
-            raise ThreecadError("PatchCore 'input_scale' and 'calibration_spread' must be single numbers")
-        if float(fitted_scale) != self.scales[0]:
-            raise ThreecadError(f"this PatchCore bank was fitted at input scale {float(fitted_scale):g}, not "
-                                f"{self.scales[0]:g}: predict with the scales the run was fitted with")
+        if spread is not None:
+            numbers["calibration_spread"] = spread
+        for key, value in numbers.items():
+            if value.numel() != 1:
+                raise ThreecadError(f"PatchCore {key!r} must be a single number")
+        self.fitted = {key: float(numbers[key]) for key in FITTED_DEFAULTS}
         self.calibration_spread = None if spread is None else float(spread)
         for key in ("position_baseline", "border_baseline"):
             baseline = state.get(key)

@@ -445,12 +445,12 @@ def test_patchcore_scales_average_each_scales_map_over_its_calibration_spread(fa
     np.testing.assert_array_equal(load_method(tmp_path / "run").predict(test)[1], maps)
     with pytest.raises(ThreecadError, match="hold 2 scale"):
         load_method(tmp_path / "run", scales=[1.0])
-    with pytest.raises(ThreecadError, match="fitted at input scale 0.5, not 0.25"):  # same count, other scale
-        load_method(tmp_path / "run", scales=[1.0, 0.25])
+    with pytest.raises(ThreecadError, match="fitted with input_scale=0.5, not 0.25"):  # same count, other scale
+        load_method(tmp_path / "run", scales=[1.0, 0.25]).predict(test)
     single = PatchCore(device="cpu").fit(ImageList(images))
     single.save(tmp_path / "single")
-    with pytest.raises(ThreecadError, match="fitted at input scale 1, not 0.5"):
-        load_method(tmp_path / "single", scales=[0.5])
+    with pytest.raises(ThreecadError, match="fitted with input_scale=1, not 0.5"):
+        load_method(tmp_path / "single", scales=[0.5]).predict(test)
     with pytest.raises(ThreecadError, match="need calibration_images"):
         PatchCore(scales=[1.0, 0.5])
     for bad in ([], [1.0, 1.0], [0.0], [-0.5], 0.5, [float("nan")]):

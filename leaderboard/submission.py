@@ -6,11 +6,11 @@ declared in ``meta.json``), ``meta.json`` and optionally ``scores.csv`` (``categ
 ``path`` is the image path below its category, e.g. ``test/scratch/001.png``). See
 ``docs/submission.md``.
 
-Nothing is trusted before it is checked: archive members are vetted (no absolute paths, no ``..``,
-no links or device files, file-count, size and compression-ratio limits, bytes counted while
-extracting so a lying header cannot exceed them), TIFF headers are read before pixel data (a map
-declaring a huge size is refused without decoding), and every problem is collected so one report
-lists them all, each naming its file.
+Nothing is trusted before it is checked: archives are unpacked by :func:`threecad.archive.extract`,
+the one extractor (no absolute paths, no ``..``, no links or device files, file-count, size and
+compression-ratio limits, bytes counted while extracting so a lying header cannot exceed them),
+TIFF headers are read before pixel data (a map declaring a huge size is refused without decoding),
+and every problem is collected so one report lists them all, each naming its file.
 """
 
 from __future__ import annotations
@@ -18,24 +18,23 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
-import io
 import json
 import math
 import os
 import shutil
 import stat
-import tarfile
 import tempfile
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tifffile
 
 from leaderboard.reported import FAMILY_ORDER
+from threecad import archive as _archive
+from threecad.archive import archive_kind
 from threecad.errors import ThreecadError
 from threecad.io import image_size, sha256_file
 from threecad.layout import Sample, list_categories, list_samples
@@ -55,17 +54,28 @@ META_KEYS = {
     "hardware": "where it ran",
     "notes": "anything else",
 }
+#: Longest accepted value, in characters, of each text key of meta.json: method 200, version 100,
+#: family 40, url 500, training_data 500, hardware 200, notes 2000. Names appear in every table and
+#: listing, so they stay short; only notes may hold newlines and tabs.
+META_MAX_CHARS = {"method": 200, "version": 100, "family": 40, "url": 500, "training_data": 500,
+                  "hardware": 200, "notes": 2000}
+META_MULTILINE = {"notes": "\n\t"}
+#: A meta.json above 64 KiB is refused before it is parsed (it holds a few short strings).
+META_MAX_BYTES = 64 * 2**10
 
 
 @dataclass(frozen=True)
-class Limits:
+class Limits(_archive.Limits):
     """Bounds on what a submission may unpack to. 3CAD's test split is 16,546 images; float16 maps at
-    native size are about 27 GB uncompressed, so the defaults leave room while stopping bombs."""
+    native size are about 27 GB uncompressed, so the defaults leave room while stopping bombs.
+
+    The archive fields are :class:`threecad.archive.Limits` (the one extractor applies them):
+    100,000 members, 64 GiB written, and at most 1000:1 written/compressed, for the whole archive
+    and for each member, once past ``ratio_floor`` (8 MiB).
+    """
 
     max_files: int = 100_000
     max_bytes: int = 64 * 2**30
-    max_ratio: float = 1000.0  # uncompressed / compressed, above ``ratio_floor`` bytes
-    ratio_floor: int = 64 * 2**20
     max_map_pixels: int = 64 * 2**20  # one map; 3CAD images are at most 1024 x 1024
 
 
@@ -131,150 +141,6 @@ class UnsafeSubmission(ThreecadError):
 
 
 # ---------------------------------------------------------------------------------------------- unpacking
-def _bad_name(name: str) -> str | None:
-    """Why an archive member name is unsafe, or None."""
-    if not name or "\x00" in name:
-        return "empty or NUL in name"
-    if "\\" in name:
-        return "backslash in path (use / separators)"
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        return "absolute path"
-    if ".." in PurePosixPath(name).parts:
-        return "'..' in path"
-    return None
-
-
-def _copy_limited(src: io.BufferedIOBase, dst_path: Path, declared: int, budget: list[int], name: str,
-                  archive: Path, guard: Callable[[int], None] | None = None) -> None:
-    """Copy a member counting real bytes: a header that understates the size cannot beat the limits."""
-    written = 0
-    with open(dst_path, "wb") as out:
-        while chunk := src.read(1 << 20):
-            written += len(chunk)
-            budget[0] -= len(chunk)
-            if written > declared or budget[0] < 0:
-                raise UnsafeSubmission(f"{name}: member expands beyond its declared size or the total limit "
-                                       f"(decompression bomb?)", archive)
-            if guard is not None:
-                guard(written)
-            out.write(chunk)
-
-
-def _extract_zip(path: Path, dest: Path, limits: Limits) -> None:
-    try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
-        raise UnsafeSubmission(f"not a readable zip archive ({exc})", path) from None
-    with archive:
-        infos = archive.infolist()
-        files = [i for i in infos if not i.is_dir()]
-        if len(files) > limits.max_files:
-            raise UnsafeSubmission(f"archive holds {len(files)} files, over the limit of {limits.max_files}", path)
-        total = sum(i.file_size for i in files)
-        compressed = max(1, sum(i.compress_size for i in files))
-        if total > limits.max_bytes:
-            raise UnsafeSubmission(f"archive expands to {total:,} bytes, over the limit of {limits.max_bytes:,}", path)
-        if total > limits.ratio_floor and total / compressed > limits.max_ratio:
-            raise UnsafeSubmission(f"compression ratio {total / compressed:.0f}:1 is over {limits.max_ratio:.0f}:1 "
-                                f"(decompression bomb?)", path)
-        seen: set[str] = set()
-        for info in infos:
-            name = info.filename
-            why = _bad_name(name)
-            if why:
-                raise UnsafeSubmission(f"unsafe member {name!r}: {why}", path)
-            mode = info.external_attr >> 16  # Unix mode; 0 or no type bits from non-Unix zip tools
-            if stat.S_ISLNK(mode):
-                raise UnsafeSubmission(f"member {name!r} is a symbolic link; links are not allowed", path)
-            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise UnsafeSubmission(f"member {name!r} is a device or special file; only regular files allowed", path)
-            if info.file_size > limits.ratio_floor and info.file_size / max(1, info.compress_size) > limits.max_ratio:
-                raise UnsafeSubmission(f"member {name!r} expands {info.file_size / max(1, info.compress_size):.0f}:1, "
-                                       f"over {limits.max_ratio:.0f}:1 (decompression bomb?)", path)
-            if info.flag_bits & 0x1:
-                raise UnsafeSubmission(f"member {name!r} is encrypted; submit an unencrypted archive", path)
-            key = name.rstrip("/")
-            if key in seen:
-                raise UnsafeSubmission(f"member {name!r} appears twice", path)
-            seen.add(key)
-        budget = [limits.max_bytes]
-        for info in progress(infos, desc="unpack zip"):
-            target = dest / info.filename
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with archive.open(info) as src:
-                    _copy_limited(src, target, info.file_size, budget, info.filename, path)
-            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
-                raise UnsafeSubmission(f"member {info.filename!r} is unreadable ({exc})", path) from None
-
-
-def _extract_tar(path: Path, dest: Path, limits: Limits) -> None:
-    compressed = max(1, path.stat().st_size)
-    budget = [limits.max_bytes]
-    count = 0
-    seen: set[str] = set()
-    try:
-        archive = tarfile.open(path, mode="r:*")
-    except (tarfile.TarError, OSError) as exc:
-        raise UnsafeSubmission(f"not a readable tar archive ({exc})", path) from None
-    with archive:
-        try:
-            for member in progress(archive, desc="unpack tar"):  # streamed: limits apply as we go
-                name = member.name
-                why = _bad_name(name)
-                if why:
-                    raise UnsafeSubmission(f"unsafe member {name!r}: {why}", path)
-                if member.issym() or member.islnk():
-                    raise UnsafeSubmission(f"member {name!r} is a link; links are not allowed", path)
-                if not (member.isreg() or member.isdir()):
-                    raise UnsafeSubmission(f"member {name!r} is a device or special file; only regular files allowed",
-                                        path)
-                key = name.rstrip("/")
-                if key in seen:
-                    raise UnsafeSubmission(f"member {name!r} appears twice", path)
-                seen.add(key)
-                target = dest / name
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                count += 1
-                if count > limits.max_files:
-                    raise UnsafeSubmission(f"archive holds more than {limits.max_files} files", path)
-                if member.size > budget[0]:
-                    raise UnsafeSubmission(f"archive expands beyond the limit of {limits.max_bytes:,} bytes", path)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = archive.extractfile(member)
-                if src is None:
-                    raise UnsafeSubmission(f"member {name!r} is unreadable", path)
-                raw = getattr(getattr(archive, "fileobj", None), "fileobj", None)  # the compressed stream
-                start = raw.tell() if raw is not None else 0
-
-                def guard(written: int, name: str = name, raw=raw, start: int = start) -> None:
-                    # Compressed bytes consumed for this member (read-ahead makes this an overestimate,
-                    # so the ratio is a lower bound): a bomb is stopped while it streams.
-                    used = (raw.tell() - start) if raw is not None else compressed
-                    if written > limits.ratio_floor and written / max(1, used) > limits.max_ratio:
-                        raise UnsafeSubmission(f"member {name!r} expands over {limits.max_ratio:.0f}:1 "
-                                               f"(decompression bomb?)", path)
-
-                with src:
-                    _copy_limited(src, target, member.size, budget, name, path, guard)
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise UnsafeSubmission(f"corrupt tar archive ({exc.__class__.__name__}: {exc})", path) from None
-
-
-def archive_kind(path: Path) -> str | None:
-    name = path.name.lower()
-    if name.endswith(".zip"):
-        return "zip"
-    if name.endswith((".tar.gz", ".tgz", ".tar")):
-        return "tar"
-    return None
-
-
 def _check_folder(root: Path, limits: Limits) -> None:
     """A folder submission gets the same rules as an archive: regular files only, within the limits."""
     count = total = 0
@@ -321,9 +187,9 @@ def open_submission(path: str | Path, limits: Limits = Limits(), workdir: str | 
     kind = archive_kind(path)
     if kind is None:
         raise UnsafeSubmission("unknown submission type; expected a folder, .zip, .tar.gz or .tgz", path)
-    tmp = Path(tempfile.mkdtemp(prefix="threecad-submission-", dir=workdir))
+    tmp = Path(tempfile.mkdtemp(prefix="threecad-submission-", dir=workdir))  # private scratch, removed below
     try:
-        (_extract_zip if kind == "zip" else _extract_tar)(path, tmp, limits)
+        _archive.extract(path, tmp, limits, error=UnsafeSubmission)
         yield _unwrap(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -351,14 +217,27 @@ def _parse_size(value: Any) -> list[int] | None:
 
 
 def read_meta(root: Path, report: ValidationReport) -> None:
+    """Read and check ``meta.json`` into ``report.meta``; every problem is a report error naming the key.
+
+    Its strings end up in tables, the site, listings and exports, so they are checked here, where
+    they enter: each text key (:data:`META_MAX_CHARS`) must be a string (or null, except
+    ``method``) within its length limit and without control characters. Rendering escapes them
+    again for each format; this keeps what is stored plain.
+    """
+    from leaderboard.tables import text_problem
+
     path = root / META_FILE
     if not path.is_file():
         report.errors.append(f'{META_FILE}: missing; it must hold at least {{"method": "<name>"}}')
         return
+    size = path.stat().st_size
+    if size > META_MAX_BYTES:
+        report.errors.append(f"{META_FILE}: {size:,} bytes; the limit is {META_MAX_BYTES:,}")
+        return
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        report.errors.append(f"{META_FILE}: not valid JSON ({exc})")
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        report.errors.append(f"{META_FILE}: not valid JSON ({exc.__class__.__name__}: {str(exc)[:200]})")
         return
     if not isinstance(meta, dict):
         report.errors.append(f"{META_FILE}: must be a JSON object")
@@ -366,19 +245,23 @@ def read_meta(root: Path, report: ValidationReport) -> None:
     report.meta = meta
     if not isinstance(meta.get("method"), str) or not meta["method"].strip():
         report.errors.append(f'{META_FILE}: "method" must be a non-empty string')
-    for key in ("version", "family", "url", "training_data", "notes"):
-        if key in meta and meta[key] is not None and not isinstance(meta[key], str):
-            report.errors.append(f'{META_FILE}: "{key}" must be a string')
+    for key, limit in META_MAX_CHARS.items():
+        if meta.get(key) is None or (key == "method" and not isinstance(meta[key], str)):
+            continue  # absent, or the error above
+        problem = text_problem(meta[key], limit, META_MULTILINE.get(key, ""))
+        if problem:
+            report.errors.append(f'{META_FILE}: "{key}" {problem}')
     if isinstance(meta.get("family"), str) and meta["family"] not in FAMILY_ORDER:
-        report.warnings.append(f'{META_FILE}: family {meta["family"]!r} is not one of {", ".join(FAMILY_ORDER)}; '
-                               f'shown under "other"')
+        report.warnings.append(f'{META_FILE}: family {meta["family"][:40]!r} is not one of '
+                               f'{", ".join(FAMILY_ORDER)}; shown under "other"')
     try:
         report.size = _parse_size(meta.get("size"))
     except ValueError as exc:
-        report.errors.append(f"{META_FILE}: {exc}")
+        report.errors.append(f"{META_FILE}: {str(exc)[:300]}")
     unknown = sorted(set(meta) - set(META_KEYS))
     if unknown:
-        report.warnings.append(f"{META_FILE}: unknown key(s) {', '.join(unknown)} (kept, not used)")
+        names = ", ".join(repr(k[:40]) for k in unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+        report.warnings.append(f"{META_FILE}: unknown key(s) {names} (kept, not used)")
 
 
 def read_scores(root: Path, samples: dict[tuple[str, str], Sample], report: ValidationReport) -> dict | None:
@@ -450,14 +333,10 @@ def _check_map(path: Path, rel: str, expected: tuple[int, int], limits: Limits) 
 
 
 def _check_categories(dataset: Path | str, categories: list[str] | None) -> list[str]:
-    available = list_categories(dataset)
-    if categories:
-        unknown = [c for c in categories if c not in available]
-        if unknown:
-            raise ThreecadError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
-                                f"the dataset has {', '.join(available)}", dataset)
-        return list(dict.fromkeys(categories))
-    return available
+    """The dataset folders meant by ``categories`` (folders, 3CAD codes, aliases); all when empty."""
+    from threecad.catalog import resolve_categories
+
+    return resolve_categories(list_categories(dataset), categories, dataset)
 
 
 def validate_tree(

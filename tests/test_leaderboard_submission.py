@@ -261,7 +261,7 @@ def _broken_cases(valid: Path, synth_root: Path, tmp_path: Path):
             tf.add(sub, arcname=".")
         return tmp_path / "big.tar.gz"
 
-    @case("corrupt archive", "not a readable zip archive")
+    @case("corrupt archive", "not a zip or tar archive")
     def _(sub):
         (tmp_path / "junk.zip").write_bytes(b"PK not really")
         return tmp_path / "junk.zip"

@@ -5,12 +5,21 @@ A 3CAD archive is several gigabytes on Google Drive, and connections drop. The t
 (``retries``) and across runs; servers that ignore ``Range`` are detected (status 200 instead of
 206) and the transfer restarts cleanly instead of appending a second copy.
 
-Nothing is extracted before the whole archive is checked: the sha256 when one is known (the
-catalogue has none: the authors published none, so the computed digest is printed and saved next
-to the archive for pinning), then every member name. Absolute paths, ``..`` components, links
-that leave the target, device files and oversized or over-compressed members refuse the whole
-archive. Extraction goes to a temporary sibling folder that is renamed into place only when
-complete, so an interrupted run never leaves a half-extracted dataset that looks finished.
+A transfer is complete only when ``.part`` reaches the length the server announced: the
+``Content-Length`` of a 200, the total in the ``Content-Range`` of a 206 (or a 416 whose
+``bytes */N`` equals what we have). A server that announces no length cannot prove the file is
+whole: ``.part`` is kept and resumed; when no attempt ends with a known length the run fails with
+"length unknown" (unless ``--sha256`` was given and the ``.part`` matches it). Only a complete
+transfer becomes ``<archive>`` and gets its ``.sha256``.
+
+The archive's sha256 is checked when known (the catalogue has none: the authors published none, so
+the computed digest is printed and saved next to the archive for pinning). The folder it unpacks to
+is ``<dest>/<archive name without its suffix>``, a name validated once (no ``..``, ``.``, empty,
+hidden or separator-bearing names). Extraction is :func:`threecad.archive.extract` (no links, no
+special files, every path proven inside the target, real bytes and compression ratio counted) into
+a hidden sibling folder renamed into place only when complete, so an interrupted or refused run
+never leaves a half-extracted dataset that looks finished, and ``--overwrite`` keeps the old tree
+until the new one is whole.
 """
 
 from __future__ import annotations
@@ -19,32 +28,26 @@ import http.client
 import logging
 import os
 import re
-import shutil
-import stat
-import tarfile
-import tempfile
 import time
 import urllib.error
 import urllib.request
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from threecad.archive import Limits, archive_stem, extract
 from threecad.catalog import SOURCES
 from threecad.errors import ThreecadError
-from threecad.io import sha256_file, write_text
+from threecad.io import sha256_file, staged_dir, write_text
 from threecad.layout import list_categories
 from threecad.progress import progress
 from threecad.verify import Expect, VerifyReport, verify_dataset
 
 log = logging.getLogger(__name__)
 
-#: Refuse archives that would unpack to more than this (3CAD is far smaller; a bomb is not).
-MAX_TOTAL_BYTES = 200 * 1024**3
-MAX_MEMBERS = 2_000_000
-#: Refuse a member compressed more than this many times (images barely compress; bombs do).
-MAX_RATIO = 1000
+#: Bytes read from the network per call (1 MiB).
 _CHUNK = 1 << 20
+#: Why ``_transfer`` could not call a transfer complete when the server announced no length.
+LENGTH_UNKNOWN = "length unknown (the server announced no Content-Length or Content-Range total)"
 
 
 @dataclass
@@ -64,12 +67,16 @@ def _drive_direct(url: str) -> str:
 
 
 def resolve_source(source: str) -> tuple[str, str, str | None, bool]:
-    """(url or local path, archive file name, known sha256, from the catalogue?) for a source argument."""
+    """(url or local path, archive file name, known sha256, from the catalogue?) for a source argument.
+
+    The file name is not checked here: :func:`threecad.archive.archive_stem` does that for every
+    source (a URL path of ``/..`` or ``/`` names the destination's parent or nothing).
+    """
     if source in SOURCES:
         entry = SOURCES[source]
         return _drive_direct(entry.url), entry.filename, entry.sha256, True
     if re.match(r"^https?://", source):
-        name = PurePosixPath(urllib.request.urlparse(source).path).name or "archive"
+        name = PurePosixPath(urllib.request.urlparse(source).path).name  # checked by archive_stem
         if "drive.google.com" in source:
             name = "archive.zip"
         return _drive_direct(source), name, None, False
@@ -85,8 +92,9 @@ def fetch(url: str, dest: str | Path, sha256: str | None = None, retries: int = 
           backoff: float = 2.0) -> Path:
     """Download ``url`` to ``dest``, resuming ``dest.part``; checks ``sha256`` when given.
 
-    A completed ``dest`` is reused (after its checksum, when one is known). A checksum mismatch
-    deletes the download, so the next run starts afresh, and raises.
+    A completed ``dest`` is reused (after its checksum, when one is known). ``dest.part`` becomes
+    ``dest`` only when complete (see the module docstring); otherwise it is kept for the next run.
+    A checksum mismatch deletes the download, so the next run starts afresh, and raises.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -97,9 +105,12 @@ def fetch(url: str, dest: str | Path, sha256: str | None = None, retries: int = 
         attempt = 0
         while True:
             try:
-                if _transfer(url, part, timeout):
+                reason = _transfer(url, part, timeout)
+                if reason is None:
                     break
-                reason = "the server closed the connection early"
+                if reason == LENGTH_UNKNOWN and sha256 and sha256_file(part) == sha256.lower():
+                    log.info("%s: no length announced, but the sha256 matches: complete", part)
+                    break
             except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
                 if isinstance(exc, urllib.error.HTTPError) and exc.code not in (408, 429, 500, 502, 503, 504):
                     raise ThreecadError(f"HTTP {exc.code} {exc.reason} from {url}") from None
@@ -107,20 +118,41 @@ def fetch(url: str, dest: str | Path, sha256: str | None = None, retries: int = 
             attempt += 1
             have = part.stat().st_size if part.exists() else 0
             if attempt > retries:
+                if reason == LENGTH_UNKNOWN:
+                    raise ThreecadError(
+                        f"download of {url} cannot be proven complete: {reason}; kept {have:,} bytes here. Run the "
+                        "same command again to resume, pass --sha256 to accept it by checksum, or download it in "
+                        "a browser and pass the local file",
+                        part,
+                    )
                 raise ThreecadError(
                     f"download interrupted at {have:,} bytes after {retries} retries ({reason}); "
                     "run the same command again to resume",
                     part,
                 )
-            log.warning("download interrupted at %s bytes (%s); resuming (retry %d/%d)", f"{have:,}", reason, attempt, retries)
+            log.warning("download incomplete at %s bytes (%s); resuming (retry %d/%d)", f"{have:,}", reason, attempt,
+                        retries)
             time.sleep(backoff * attempt)
         os.replace(part, dest)
     _check_sha256(dest, sha256, delete=True)
     return dest
 
 
-def _transfer(url: str, part: Path, timeout: float) -> bool:
-    """One request, appending to ``part``; True when the file is complete."""
+def _announced_total(response: http.client.HTTPResponse, offset: int) -> int | None:
+    """The whole file's size as the server announced it, or None when it announced none.
+
+    A 206 carries it in ``Content-Range: bytes a-b/TOTAL``; its ``Content-Length`` is only this
+    slice (a server may send a short slice, which must not pass for the whole file).
+    """
+    length = re.fullmatch(r"\s*(\d+)\s*", response.headers.get("Content-Length") or "")
+    if response.status == 206:
+        total = re.fullmatch(r"\s*bytes\s+\d+-\d+/(\d+)\s*", response.headers.get("Content-Range") or "")
+        return int(total.group(1)) if total else None
+    return offset + int(length.group(1)) if length else None
+
+
+def _transfer(url: str, part: Path, timeout: float) -> str | None:
+    """One request, appending to ``part``; None when the file is complete, else why it is not."""
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": "threecad"}
     if offset:
@@ -132,10 +164,10 @@ def _transfer(url: str, part: Path, timeout: float) -> bool:
         if exc.code == 416 and offset:  # nothing left to send: the part may be complete
             total = re.search(r"/(\d+)", exc.headers.get("Content-Range", "") or "")
             if total and int(total.group(1)) == offset:
-                return True
+                return None
             log.warning("server refused to resume at %d bytes; starting over", offset)
             part.unlink()
-            return False
+            return "the server refused to resume"
         raise
     with response:
         kind = response.headers.get("Content-Type", "")
@@ -152,8 +184,7 @@ def _transfer(url: str, part: Path, timeout: float) -> bool:
         elif offset:
             log.warning("server ignored the Range request; downloading from the start")
             offset, mode = 0, "wb"
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
+        total = _announced_total(response, offset)
         bar = progress(None, desc=part.name.removesuffix(".part"), total=total, initial=offset, unit="B",
                        unit_scale=True, unit_divisor=1024)
         try:
@@ -163,7 +194,15 @@ def _transfer(url: str, part: Path, timeout: float) -> bool:
                     bar.update(len(block))
         finally:
             bar.close()
-    return total is None or part.stat().st_size == total
+    size = part.stat().st_size
+    if total is None:
+        return LENGTH_UNKNOWN
+    if size > total:
+        part.unlink()
+        return f"received {size:,} bytes, more than the {total:,} announced; starting over"
+    if size < total:
+        return f"the server closed the connection at {size:,} of {total:,} bytes"
+    return None
 
 
 def _check_sha256(path: Path, expected: str | None, delete: bool) -> str:
@@ -176,101 +215,49 @@ def _check_sha256(path: Path, expected: str | None, delete: bool) -> str:
     return digest
 
 
-def _check_name(name: str, archive: Path) -> PurePosixPath:
-    normalised = name.replace("\\", "/")
-    if normalised.startswith("/") or re.match(r"^[A-Za-z]:", normalised) or "\x00" in normalised:
-        raise ThreecadError(f"archive member {name!r} has an absolute path; refusing to extract", archive)
-    path = PurePosixPath(normalised)
-    if ".." in path.parts:
-        raise ThreecadError(f"archive member {name!r} leaves the target folder ('..'); refusing to extract", archive)
-    return path
+#: Limits for a dataset archive: 2,000,000 members, 200 GiB written (3CAD is far smaller; a bomb is
+#: not), and at most 1000:1 written/compressed above 8 MiB (``threecad.archive`` has the rules).
+DATASET_LIMITS = Limits(max_files=2_000_000, max_bytes=200 * 2**30)
 
 
-def _check_size(name: str, size: int, packed: int | None, totals: list[int], archive: Path, max_total: int) -> None:
-    totals[0] += size
-    totals[1] += 1
-    if totals[0] > max_total:
-        raise ThreecadError(
-            f"archive unpacks to more than {max_total:,} bytes (the size limit or the free disk space); refusing to extract",
-            archive,
-        )
-    if totals[1] > MAX_MEMBERS:
-        raise ThreecadError(f"archive has more than {MAX_MEMBERS:,} members; refusing to extract", archive)
-    if packed and size > _CHUNK and size / packed > MAX_RATIO:
-        raise ThreecadError(f"archive member {name!r} is compressed {size // packed}x (a zip bomb?); refusing", archive)
+def check_replaceable(target: str | Path, archive: str | Path) -> None:
+    """Refuse to replace ``target`` unless it is a plain folder holding nothing the run still needs.
 
-
-def check_archive(archive: str | Path, max_total: int = MAX_TOTAL_BYTES, free: int | None = None) -> str:
-    """Check every member of a zip or tar archive before anything is written; returns 'zip' or 'tar'.
-
-    ``free`` (bytes available at the target) lowers the size limit, so a full disk is reported
-    before extraction instead of half-way through it.
+    ``--overwrite`` swaps a fresh extraction in for ``target`` and deletes the old one, so
+    ``target`` must not be a link or a file, and must not be (or contain) the archive, the current
+    folder, the destination or its parent: a dot-named archive once made that delete the user's
+    current folder.
     """
-    archive = Path(archive)
-    if free is not None and free < max_total:
-        max_total = free
-    totals = [0, 0]
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                _check_name(info.filename, archive)
-                if stat.S_ISLNK(info.external_attr >> 16):
-                    raise ThreecadError(f"archive member {info.filename!r} is a symbolic link; refusing to extract", archive)
-                _check_size(info.filename, info.file_size, info.compress_size, totals, archive, max_total)
-        return "zip"
-    try:
-        is_tar = tarfile.is_tarfile(archive)
-    except OSError:
-        is_tar = False
-    if not is_tar:
-        raise ThreecadError("not a zip or tar archive (other formats: extract it yourself, then `3cad data verify`)", archive)
-    try:
-        with tarfile.open(archive) as tf:
-            for member in tf:
-                path = _check_name(member.name, archive)
-                if member.issym() or member.islnk():
-                    link = member.linkname.replace("\\", "/")
-                    base = path.parent if member.issym() else PurePosixPath()
-                    resolved = os.path.normpath(str(base / link)) if not link.startswith("/") else "/"
-                    if resolved == "/" or resolved.startswith("..") or re.match(r"^[A-Za-z]:", link):
-                        raise ThreecadError(
-                            f"archive member {member.name!r} links outside the target ({member.linkname!r}); refusing",
-                            archive,
-                        )
-                elif not (member.isfile() or member.isdir()):
-                    raise ThreecadError(f"archive member {member.name!r} is a device or fifo; refusing to extract", archive)
-                _check_size(member.name, member.size, None, totals, archive, max_total)
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ThreecadError(f"corrupt tar archive ({exc})", archive) from None
-    return "tar"
+    target = Path(target)
+    if target.is_symlink() or not target.is_dir():
+        raise ThreecadError("exists and is not a plain folder (a file or a link); refusing to replace it, "
+                            "move it away first", target)
+    real = Path(os.path.realpath(target))
+    dest = target.parent
+    for what, path in (("the archive", Path(archive)), ("the current folder", Path.cwd()),
+                       ("the destination folder", dest), ("the destination's parent", dest.parent)):
+        held = Path(os.path.realpath(path))
+        if held == real or real in held.parents:
+            raise ThreecadError(f"refusing to replace this folder: it is or holds {what} ({path})", target)
 
 
-def extract_archive(archive: str | Path, target: str | Path, max_total: int = MAX_TOTAL_BYTES) -> Path:
-    """Safely extract ``archive`` into ``target`` (which must not exist yet), all or nothing."""
+def extract_archive(archive: str | Path, target: str | Path, limits: Limits = DATASET_LIMITS,
+                    overwrite: bool = False) -> Path:
+    """Safely extract ``archive`` into ``target``, all or nothing (see :mod:`threecad.archive`).
+
+    The archive is unpacked into a hidden sibling (``threecad.io.staged_dir``) that replaces
+    ``target`` only once complete, so a refused or corrupt archive leaves the old ``target`` (or
+    nothing) behind, never a mix. An existing ``target`` is replaced only with ``overwrite`` and
+    after :func:`check_replaceable`.
+    """
     archive, target = Path(archive), Path(target)
-    if target.exists():
-        raise ThreecadError("extraction target already exists", target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    kind = check_archive(archive, max_total, free=shutil.disk_usage(target.parent).free)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
-    try:
-        if kind == "zip":
-            with zipfile.ZipFile(archive) as zf:
-                for info in progress(zf.infolist(), desc="extract"):
-                    zf.extract(info, tmp)
-        else:
-            with tarfile.open(archive) as tf:
-                tf.extractall(tmp, filter="data")  # the library's own guard, behind our check
-        os.replace(tmp, target)
-    except ThreecadError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ThreecadError(f"corrupt archive, nothing extracted ({exc.__class__.__name__}: {exc})", archive) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise ThreecadError("extraction target already exists (pass --overwrite to replace it)", target)
+        check_replaceable(target, archive)
+    with staged_dir(target) as tmp:
+        done = extract(archive, tmp, limits)
+    log.info("extracted %d members (%s bytes) to %s", done.members, f"{done.bytes_written:,}", target)
     return target
 
 
@@ -306,28 +293,28 @@ def download_dataset(
     is written next to the archive as ``<stem>.verify.json``.
     """
     location, filename, known_sha, from_catalogue = resolve_source(source)
+    stem = archive_stem(filename, location)  # validated before anything is downloaded or written: the
+    # archive file dest/filename and the folder dest/stem are both one plain component
     sha256 = sha256 or known_sha
     dest = Path(dest)
-    if re.match(r"^https?://", location):
-        archive = fetch(location, dest / filename, retries=retries, backoff=backoff)
-        digest = _check_sha256(archive, sha256, delete=True)  # hashed once, here
+    remote = bool(re.match(r"^https?://", location))
+    archive = dest / filename if remote else Path(location)
+    target = dest / stem
+    if overwrite and (target.exists() or target.is_symlink()):
+        check_replaceable(target, archive)  # before a long download; extract_archive checks again
+    if remote:
+        archive = fetch(location, archive, sha256=sha256, retries=retries, backoff=backoff)
+        digest = sha256.lower() if sha256 else sha256_file(archive)  # fetch checked a given digest
     else:
-        archive = Path(location)
         digest = _check_sha256(archive, sha256, delete=False)
+    if (target.exists() or target.is_symlink()) and not overwrite:
+        log.info("%s already extracted (pass --overwrite to extract again)", target)
+    else:
+        extract_archive(archive, target, overwrite=overwrite)
+    # Offered for pinning only once the archive has passed every check: a refused one gets no digest.
     if sha256 is None:
         log.info("sha256 %s (no published checksum; pass --sha256 %s to pin this copy)", digest, digest)
     write_text(dest / f"{filename}.sha256", f"{digest}  {filename}\n")
-    stem = filename
-    for suffix in (".zip", ".tar", ".tgz", ".gz", ".bz2", ".xz", ".tar"):
-        stem = stem.removesuffix(suffix)
-    target = dest / stem
-    if target.exists() and overwrite:
-        check_archive(archive)  # never delete a good tree for an archive that cannot replace it
-        shutil.rmtree(target)
-    if target.exists():
-        log.info("%s already extracted (pass --overwrite to extract again)", target)
-    else:
-        extract_archive(archive, target)
     root = find_dataset_root(target)
     report = None
     if verify:

@@ -12,6 +12,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def shorten(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters with its full length noted: a hostile name or label can
+    be megabytes long, and an error or report row must stay one readable line."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
 class ThreecadError(Exception):
     """A problem with the user's input, reported without a traceback."""
 

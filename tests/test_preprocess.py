@@ -48,8 +48,13 @@ def out(raw, tmp_path_factory) -> tuple[Path, dict]:
 def test_tiling_follows_sahi_and_the_min_fraction_rule():
     assert tile_windows(2448, 2048) == [tuple(b) for b in get_slice_bboxes(2048, 2448, 1024, 1024, False, 0.2, 0.2)]
     assert len(tile_windows(2448, 2048)) == 9 and tile_windows(900, 700) == [(0, 0, 900, 700)]
-    assert tile_windows(4096, 150) == []  # 1024 x 150 windows: 14.6 % of a tile's area
+    assert tile_windows(4096, 150) == []  # 1024 x 150 windows: a side of 14.6 % of the window
     assert all(y1 - y0 == 300 for _, y0, _, y1 in tile_windows(4096, 300))  # 29.3 %: kept
+    # The side rule applies to small frames too (they used to be kept whole at any size): the paper's
+    # smallest images are 288 px, 28 % of a 1024 window; 'dimensions under 20 %' means either side.
+    assert tile_windows(150, 150) == [] and tile_windows(288, 288) == [(0, 0, 288, 288)]
+    assert tile_windows(900, 204) == [] and tile_windows(900, 205) == [(0, 0, 900, 205)]  # 0.2 x 1024 = 204.8
+    assert tile_windows(150, 150, tile=128, min_fraction=0.2) != [] and tile_windows(100, 100, min_fraction=0.0) != []
     cover = np.zeros((2048, 2448), dtype=int)
     for x0, y0, x1, y1 in tile_windows(2448, 2048):
         cover[y0:y1, x0:x1] += 1
@@ -255,7 +260,7 @@ def test_coco_input_with_rle_and_mvtec_naming(tmp_path):
     }  # fmt: skip
     (tmp_path / "coco.json").write_text(json.dumps(coco))
     out = tmp_path / "out"
-    summary = preprocess(tmp_path / "raw", out, coco=tmp_path / "coco.json", mask_suffix="_mask", train_fraction=1.0)
+    summary = preprocess(tmp_path / "raw", out, coco=tmp_path / "coco.json", mask_suffix="_mask", train_fraction=1.0, tile=128)
     assert summary["tiles"] == 2 and summary["problems"] == {"sub_pixel/marked_one_pixel": 1}
     assert detect_mask_style(out / "parts") == "mvtec"
     (sample,) = list_samples(out, "parts", "test")
@@ -265,3 +270,16 @@ def test_coco_input_with_rle_and_mvtec_naming(tmp_path):
     assert sample.mask_path.name.endswith("_mask.png") and np.array_equal(read_mask(sample.mask_path), expected)
     assert sample.defect == "dent"  # the polygon has more pixels than the blob
     assert [s.image_path.name for s in list_samples(out, "parts", "train")] == ["b_0_0_120_90.png"]
+
+
+def test_small_frames_follow_the_side_rule_end_to_end(tmp_path):
+    raw = tmp_path / "raw" / "parts"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name, side in (("small", 150), ("paper", 288)):
+        Image.fromarray(rng.integers(0, 255, (side, side), dtype=np.uint8)).save(raw / f"{name}.png")
+    summary = preprocess(tmp_path / "raw", tmp_path / "out", train_fraction=1.0)  # default 1024 window, 0.2
+    assert summary["tiles"] == 1 and summary["problems"] == {"no_tiles/skipped": 1}
+    report = pd.read_csv(tmp_path / "out" / "report.csv", keep_default_na=False)
+    assert list(report["file"]) == ["parts/small.png"] and "204.8 px" in report["detail"][0]
+    assert [p.name for p in (tmp_path / "out" / "parts" / "train" / "good").iterdir()] == ["paper_0_0_288_288.png"]

@@ -7,6 +7,9 @@ Three phases:
    through the label map, validate and repair every annotation, choose the windows, and decide
    with a seeded group split (:mod:`threecad.split`) which normal frames go to train. Every
    problem becomes a report row; a broken file never stops the run (``strict`` makes it fatal).
+   Annotation files are foreign input: every name that becomes a path is checked
+   (:func:`_source_names`, :mod:`threecad.paths`), every shape's work is bounded
+   (:mod:`threecad.annotations.shapes`), and every file written is proven to lie inside OUT.
 2. **Tile** (``workers`` processes, one task per source frame). Decode once, rasterise the
    whole-frame masks once (pixel-centre rule, :mod:`threecad.annotations.raster`), crop image and
    masks per window and write PNGs atomically. A frame's record (its tiles, checksums, COCO RLEs)
@@ -41,15 +44,15 @@ import shutil
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pandas as pd
 import shapely.affinity
-from PIL import Image
 from scipy import ndimage
 
 from threecad.annotations import (
+    GeometryWorker,
     LabelMap,
     RawAnnotation,
     load_label_map,
@@ -59,12 +62,13 @@ from threecad.annotations import (
     rle_decode,
 )
 from threecad.annotations import shapes as S
-from threecad.annotations.labelmap import IGNORED, UNKNOWN
-from threecad.annotations.raster import rle_encode
-from threecad.errors import ThreecadError
-from threecad.io import image_size, read_image, save_image, sha256_file, write_json, write_text
+from threecad.annotations.labelmap import IGNORED, MAX_NAME_CHARS, UNKNOWN, folder_name_problem
+from threecad.annotations.raster import rle_counts, rle_encode, rle_size
+from threecad.errors import ThreecadError, shorten
+from threecad.io import image_header, image_size, read_image, save_image, sha256_file, write_json, write_text
 from threecad.layout import GOOD, IMAGE_SUFFIXES
 from threecad.manifest import COLUMNS, write_manifest
+from threecad.paths import check_component, safe_join, unsafe_reason
 from threecad.progress import progress
 from threecad.split import Group, assign_splits
 from threecad.tiling import check_tiling, tile_windows
@@ -73,6 +77,12 @@ log = logging.getLogger(__name__)
 
 STATE = ".threecad-preprocess"
 LABEL_MAP_NAMES = ("label_map.yaml", "label_map.yml", "label_map.json")
+#: Longest source key (its path below the category, ``/`` written ``__``) in UTF-8 bytes: 200, so
+#: that a tile name ``<key>_<x0>_<y0>_<x1>_<y1>_mask.png`` stays under the 255-byte file-name limit.
+MAX_KEY_BYTES = 200
+#: Names at the top of OUT that preprocess writes itself, so no category folder may take them.
+RESERVED_NAMES = frozenset({"coco", "manifest.parquet", "manifest.csv", "report.csv", "preprocess_summary.json"})
+_TOP_LEVEL = "lies directly in the raw folder; put frames in one sub-folder per category or pass --category"
 
 
 @dataclass(frozen=True)
@@ -124,16 +134,65 @@ def _find_label_map(raw: Path, label_map: str | Path | None) -> LabelMap:
     return LabelMap()
 
 
-def _category_of(rel: Path, category: str | None, raw: Path) -> tuple[str, str]:
-    """(category, key below the category) of a file path relative to the raw folder."""
+def _reason(exc: ThreecadError) -> str:
+    """The message of ``exc`` without its ``path: `` prefix (the report names the file in its own column)."""
+    text, prefix = str(exc), f"{exc.path}: "
+    return text[len(prefix) :] if exc.path is not None and text.startswith(prefix) else text
+
+
+def _split_key(rel: PurePosixPath, category: str | None) -> tuple[str, str]:
+    """(category, key below the category) of a path relative to RAW, unchecked (pairing only)."""
     if category is not None:
         return category, rel.with_suffix("").as_posix()
-    if len(rel.parts) < 2:
-        raise ThreecadError(
-            f"{rel} lies directly in the raw folder; put frames in one sub-folder per category or pass --category",
-            raw,
-        )
-    return rel.parts[0], Path(*rel.parts[1:]).with_suffix("").as_posix()
+    return rel.parts[0], PurePosixPath(*rel.parts[1:]).with_suffix("").as_posix()
+
+
+def _text_problem(name: str) -> str | None:
+    """What makes ``name`` unusable as text in file names and reports: lone surrogates, control characters."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "it is not valid UTF-8 text"
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in name):
+        return "it contains a control character"
+    return None
+
+
+def _category_problem(name: str) -> str | None:
+    """The folder-name rule of defect types (:func:`folder_name_problem`), plus OUT's own names."""
+    if name.casefold() in RESERVED_NAMES:
+        return f"{name!r} is a name preprocess writes at the top of OUT"
+    return folder_name_problem(name)
+
+
+def _source_names(name: str, category: str | None) -> tuple[str, str]:
+    """(category, key) of a frame named ``name`` relative to RAW, checked before it becomes any path.
+
+    ``name`` is foreign (a COCO ``file_name``, a file found in RAW): it must be a safe relative path
+    (:func:`threecad.paths.unsafe_reason`: no absolute path, ``..``, backslash or empty part), its
+    category must be a folder name by the defect-type rule, every part below it a plain visible
+    name, and its key short enough for tile names (:data:`MAX_KEY_BYTES`). Raises a
+    :class:`ThreecadError` without a path; the caller reports it as a problem row.
+    """
+    shown = shorten(repr(name), 120)
+    why = _text_problem(name) or unsafe_reason(name)
+    if why:
+        raise ThreecadError(f"{shown} is refused: {why}")
+    rel = PurePosixPath(name)
+    if category is None and len(rel.parts) < 2:
+        raise ThreecadError(f"{shown} {_TOP_LEVEL}")
+    cat, key = _split_key(rel, category)
+    why = _category_problem(cat) if category is None else None
+    if why:
+        raise ThreecadError(f"{shown}: its category {shorten(repr(cat), 80)} cannot be a folder name: {why}")
+    for part in rel.parts[0 if category is not None else 1 :]:
+        try:
+            check_component(part, "path component")
+        except ThreecadError as exc:
+            raise ThreecadError(f"{shown}: {exc}") from None
+    if not key or len(key.replace("/", "__").encode("utf-8")) > MAX_KEY_BYTES:
+        raise ThreecadError(f"{shown} is refused: its name below the category must be 1 to {MAX_KEY_BYTES} bytes")
+    return cat, key
 
 
 def _discover_labelme(raw: Path, cfg: PreprocessConfig, issues: list[S.Issue]) -> list[Source]:
@@ -147,7 +206,9 @@ def _discover_labelme(raw: Path, cfg: PreprocessConfig, issues: list[S.Issue]) -
         if cfg.category is None and len(rel.parts) < 2 and path.suffix.lower() == ".json":
             continue  # files beside the category folders (e.g. ground_truth.json) are not annotations
         if path.suffix.lower() in IMAGE_SUFFIXES:
-            cat, key = _category_of(rel, cfg.category, raw)
+            if cfg.category is None and len(rel.parts) < 2:
+                raise ThreecadError(f"{rel} {_TOP_LEVEL}", raw)
+            cat, key = _split_key(PurePosixPath(rel.as_posix()), cfg.category)
             if (cat, key) in images:
                 issues.append(S.Issue(rel.as_posix(), None, S.DUPLICATE_STEM, S.SKIPPED, f"same name as {images[(cat, key)].relative_to(raw).as_posix()}"))
                 continue
@@ -159,7 +220,7 @@ def _discover_labelme(raw: Path, cfg: PreprocessConfig, issues: list[S.Issue]) -
     orphans: list[tuple[Path, object]] = []
     for path in jsons:
         rel = path.relative_to(raw)
-        cat, key = _category_of(rel, cfg.category, raw)
+        cat, key = _split_key(PurePosixPath(rel.as_posix()), cfg.category)
         if (cat, key) in images:
             paired[(cat, key)] = path
             continue
@@ -169,7 +230,12 @@ def _discover_labelme(raw: Path, cfg: PreprocessConfig, issues: list[S.Issue]) -
             if "not a LabelMe file" in str(exc):
                 log.debug("ignoring %s: not a LabelMe file", path)
             else:
-                issues.append(S.Issue(rel.as_posix(), None, S.JSON_UNREADABLE, S.SKIPPED, str(exc).split(": ", 1)[-1]))
+                issues.append(S.Issue(rel.as_posix(), None, S.JSON_UNREADABLE, S.SKIPPED, _reason(exc)))
+            continue
+        why = (_text_problem(doc.image_path) or unsafe_reason(doc.image_path)) if doc.image_path else None
+        if why:
+            detail = f"imagePath {doc.image_path!r} is refused: {why}; give the JSON its image's name instead"
+            issues.append(S.Issue(rel.as_posix(), None, S.UNSAFE_NAME, S.SKIPPED, detail))
             continue
         target = (path.parent / doc.image_path).resolve() if doc.image_path else None
         match = by_target.get(target) if target is not None else None
@@ -179,20 +245,39 @@ def _discover_labelme(raw: Path, cfg: PreprocessConfig, issues: list[S.Issue]) -
             orphans.append((path, doc))
     sources = []
     for (cat, key), path in sorted(images.items()):
-        ann = paired.get((cat, key))
-        sources.append(Source(cat, key, path.relative_to(raw).as_posix(), ann.relative_to(raw).as_posix() if ann else None))
+        image = path.relative_to(raw).as_posix()
+        ann = paired[(cat, key)].relative_to(raw).as_posix() if (cat, key) in paired else None
+        try:
+            _source_names(image, cfg.category)
+        except ThreecadError as exc:
+            issues.append(S.Issue(ann or image, None, S.UNSAFE_NAME, S.SKIPPED, _reason(exc)))
+            continue
+        sources.append(Source(cat, key, image, ann))
     for path, _ in orphans:
         rel = path.relative_to(raw)
         issues.append(S.Issue(rel.as_posix(), None, S.IMAGE_MISSING, S.SKIPPED, "no image with this name or the JSON's imagePath"))
     return sources
 
 
-def _plan_source(raw: Path, src: Source, labels: LabelMap, cfg: PreprocessConfig, issues: list[S.Issue], coco_entry=None) -> None:
-    """Validate one source in place: size, annotations, windows; sets ``status``."""
+def _plan_source(
+    raw: Path,
+    src: Source,
+    labels: LabelMap,
+    cfg: PreprocessConfig,
+    issues: list[S.Issue],
+    coco_entry=None,
+    worker: GeometryWorker | None = None,
+) -> None:
+    """Validate one source in place: size, annotations, windows; sets ``status``.
+
+    Every annotation is checked on its own (:func:`_plan_annotation`), so one hostile shape costs
+    only itself: the bounds of :mod:`threecad.annotations.shapes` (vertices, crossings, time).
+    """
     ann_file = src.annotation_file or src.image
+    where = f"{src.image}: " if coco_entry is not None else ""  # one COCO file holds many images
 
     def report(annotation: int | None, problem: str, action: str, detail: str = "", file: str | None = None) -> None:
-        issues.append(S.Issue(file or ann_file, annotation, problem, action, detail))
+        issues.append(S.Issue(file or ann_file, annotation, problem, action, where + detail if annotation is not None else detail))
         src.problems.append(problem)
 
     declared: tuple[int | None, int | None] = (None, None)
@@ -204,7 +289,7 @@ def _plan_source(raw: Path, src: Source, labels: LabelMap, cfg: PreprocessConfig
         try:
             doc = read_labelme(raw / src.annotation_file)
         except ThreecadError as exc:
-            report(None, S.JSON_UNREADABLE, S.SKIPPED, str(exc).split(": ", 1)[-1])
+            report(None, S.JSON_UNREADABLE, S.SKIPPED, _reason(exc))
             src.status = "skipped"
             return
         declared = (doc.width, doc.height)
@@ -212,7 +297,7 @@ def _plan_source(raw: Path, src: Source, labels: LabelMap, cfg: PreprocessConfig
     try:
         src.width, src.height = image_size(raw / src.image)
     except ThreecadError as exc:
-        text = str(exc).split(": ", 1)[-1]
+        text = _reason(exc)
         problem = S.IMAGE_MISSING if "not found" in text else S.IMAGE_TOO_LARGE if "limit" in text else S.IMAGE_UNREADABLE
         report(None, problem, S.SKIPPED, text, file=src.image if problem != S.IMAGE_MISSING else ann_file)
         src.status = "skipped"
@@ -221,41 +306,62 @@ def _plan_source(raw: Path, src: Source, labels: LabelMap, cfg: PreprocessConfig
         report(None, S.SIZE_MISMATCH, S.USED_IMAGE_SIZE, f"declared {declared[0]}x{declared[1]}, image is {src.width}x{src.height}")
     dropped = 0
     for ann in shapes:
-        name, status = labels.resolve(ann.label)
-        if status == IGNORED:
-            report(ann.index, S.IGNORED_LABEL, S.DROPPED, ann.label)
-            continue
-        if status == UNKNOWN:
-            report(ann.index, S.UNKNOWN_LABEL, S.DROPPED, ann.label)
+        kept = _plan_annotation(ann, src, labels, cfg, report, worker)
+        if kept is None:
             dropped += 1
-            continue
-        if ann.shape_type == "rle":
-            size = (ann.rle or {}).get("size")
-            if not isinstance(size, list) or [int(v) for v in size] != [src.height, src.width]:
-                report(ann.index, S.SIZE_MISMATCH, S.DROPPED, f"RLE size {size} differs from the image's {src.height}x{src.width}")
-                dropped += 1
-                continue
-            src.shapes.append((name, ann.rle))
-            continue
-        geom, found = S.to_geometry(ann, src.width, src.height, cfg.line_width)
-        for problem, action, detail in found:
-            report(ann.index, problem, action, detail)
-        if geom is None:
-            dropped += 1
-            continue
-        if geom.area < 16 and not _covers_a_centre(geom):
-            report(ann.index, S.SUB_PIXEL, S.ONE_PIXEL, f"area {geom.area:.2f} px² holds no pixel centre")
-        src.shapes.append((name, geom))
+        elif kept[0] is not None:
+            src.shapes.append(kept)
     if not src.shapes and dropped:
         report(None, S.NO_VALID_ANNOTATIONS, S.SKIPPED, f"all {dropped} defect annotation(s) dropped: unlabelled defects must not become normal data")
         src.status = "skipped"
         return
     src.windows = tile_windows(src.width, src.height, cfg.tile, cfg.overlap, cfg.min_fraction)
     if not src.windows:
-        report(None, S.NO_TILES, S.SKIPPED, f"every window is under {cfg.min_fraction:.0%} of a {cfg.tile}-px tile", file=src.image)
+        detail = f"{src.width}x{src.height}: a side is under {cfg.min_fraction:.0%} of the {cfg.tile}-px window ({cfg.min_fraction * cfg.tile:g} px)"
+        report(None, S.NO_TILES, S.SKIPPED, detail, file=src.image)
         src.status = "skipped"
         return
     src.status = "defective" if src.shapes else "good"
+
+
+def _label_detail(label: str) -> str:
+    """A label for the report: whole when it could be a name, else its length and its start."""
+    return label if len(label) <= MAX_NAME_CHARS else f"a label of {len(label):,} characters (limit {MAX_NAME_CHARS}): {label[:40]!r}..."
+
+
+def _plan_annotation(ann: RawAnnotation, src: Source, labels: LabelMap, cfg: PreprocessConfig, report, worker) -> tuple | None:
+    """``(defect type, geometry or RLE)`` to keep, ``(None, None)`` for an ignored label, None when dropped."""
+    if ann.label is None:
+        cid = ann.extra.get("category_id")
+        detail = f"category_id {cid} is not declared in 'categories'" if cid is not None else "the label is missing or not a string"
+        report(ann.index, S.UNKNOWN_LABEL, S.DROPPED, detail)
+        return None
+    name, status = labels.resolve(ann.label)
+    if status == IGNORED:
+        report(ann.index, S.IGNORED_LABEL, S.DROPPED, _label_detail(ann.label))
+        return None, None
+    if status == UNKNOWN:
+        report(ann.index, S.UNKNOWN_LABEL, S.DROPPED, _label_detail(ann.label))
+        return None
+    if ann.shape_type == "rle":
+        try:
+            size = rle_size(ann.rle)
+            if size != (src.height, src.width):
+                report(ann.index, S.SIZE_MISMATCH, S.DROPPED, f"RLE size {size[0]}x{size[1]} differs from the image's {src.height}x{src.width}")
+                return None
+            rle_counts(ann.rle)
+        except ValueError as exc:
+            report(ann.index, S.MALFORMED_RLE, S.DROPPED, str(exc))
+            return None
+        return name, ann.rle
+    geom, found = S.to_geometry(ann, src.width, src.height, cfg.line_width, worker=worker)
+    for problem, action, detail in found:
+        report(ann.index, problem, action, detail)
+    if geom is None:
+        return None
+    if geom.area < 16 and not _covers_a_centre(geom):
+        report(ann.index, S.SUB_PIXEL, S.ONE_PIXEL, f"area {geom.area:.2f} px² holds no pixel centre")
+    return name, geom
 
 
 def _covers_a_centre(geom) -> bool:
@@ -266,6 +372,45 @@ def _covers_a_centre(geom) -> bool:
     return bool(rasterize(local, math.ceil(y1) - dy + 1, math.ceil(x1) - dx + 1, min_one_pixel=False).any())
 
 
+def _refuse_category(name: str) -> None:
+    """``--category`` becomes a folder: the same rule as categories found in RAW, as a one-line error."""
+    why = _category_problem(name)
+    if why:
+        raise ThreecadError(f"--category {shorten(repr(name), 80)} cannot be a folder name: {why}")
+
+
+def _coco_sources(cfg: PreprocessConfig, issues: list[S.Issue], coco_of: dict[int, object]) -> list[Source]:
+    """Sources of a COCO file; entries with an unusable or unsafe ``file_name`` become problem rows."""
+    coco = read_coco(cfg.coco)  # an unreadable or non-COCO file is a one-line error
+    name = Path(cfg.coco).name
+    issues.extend(coco.problems)
+    sources = []
+    for entry in coco.images:
+        try:
+            cat, key = _source_names(entry.file_name, cfg.category)
+        except ThreecadError as exc:
+            issues.append(S.Issue(name, None, S.UNSAFE_NAME, S.SKIPPED, f"images[{entry.index}]: file_name {_reason(exc)}"))
+            continue
+        src = Source(cat, key, PurePosixPath(entry.file_name).as_posix(), name)
+        sources.append(src)
+        coco_of[id(src)] = entry
+    return sources
+
+
+def _unique_names(sources: list[Source], issues: list[S.Issue]) -> list[Source]:
+    """Drop later sources whose tiles would take the names of an earlier one's (``a/b`` vs ``a__b``, ``x.png`` vs ``x.jpg``)."""
+    seen: dict[tuple[str, str], Source] = {}
+    kept = []
+    for src in sources:
+        first = seen.setdefault((src.category, src.flat), src)
+        if first is not src:
+            detail = f"{src.image}: its tiles would have the names of {first.image}'s"
+            issues.append(S.Issue(src.annotation_file or src.image, None, S.DUPLICATE_STEM, S.SKIPPED, detail))
+            continue
+        kept.append(src)
+    return kept
+
+
 def plan(raw: str | Path, cfg: PreprocessConfig) -> tuple[list[Source], list[S.Issue], list[str]]:
     """(sources with status and split, problems, defect types in COCO id order) without touching pixels."""
     raw = Path(raw)
@@ -274,25 +419,23 @@ def plan(raw: str | Path, cfg: PreprocessConfig) -> tuple[list[Source], list[S.I
     check_tiling(cfg.tile, cfg.overlap, cfg.min_fraction)
     if cfg.mask_suffix not in ("", "_mask"):
         raise ThreecadError(f"--mask-suffix must be '' (3CAD) or '_mask' (MVTec), got {cfg.mask_suffix!r}")
+    if cfg.category is not None:
+        _refuse_category(cfg.category)
     labels = _find_label_map(raw, cfg.label_map)
     issues: list[S.Issue] = []
+    coco_of: dict[int, object] = {}
     if cfg.coco:
-        entries = read_coco(cfg.coco)
-        sources, coco_of = [], {}
-        for entry in entries:
-            rel = Path(entry.file_name)
-            cat, key = _category_of(rel, cfg.category, raw)
-            src = Source(cat, key, rel.as_posix(), Path(cfg.coco).name)
-            sources.append(src)
-            coco_of[id(src)] = entry
-        for src in progress(sources, desc="validate"):
-            _plan_source(raw, src, labels, cfg, issues, coco_entry=coco_of[id(src)])
+        sources = _coco_sources(cfg, issues, coco_of)
     else:
         sources = _discover_labelme(raw, cfg, issues)
+    sources = _unique_names(sources, issues)
+    with GeometryWorker() as worker:
         for src in progress(sources, desc="validate"):
-            _plan_source(raw, src, labels, cfg, issues)
+            _plan_source(raw, src, labels, cfg, issues, coco_entry=coco_of.get(id(src)), worker=worker)
     if not any(s.status != "skipped" for s in sources):
-        raise ThreecadError("no usable images found (see the problems above)" if sources else "no images found", raw)
+        why = next((i for i in issues if i.action == S.SKIPPED), issues[0] if issues else None)
+        first = f"; first problem: {why.file}: {why.problem} ({shorten(why.detail, 200)})" if why else ""
+        raise ThreecadError(("no usable images found" if sources else "no images found") + first, raw)
     types = list(labels.names) if not labels.is_open else sorted({t for s in sources for t, _ in s.shapes})
     groups = [Group(f"{s.category}/{s.key}", s.category, s.status == "defective") for s in sources if s.status != "skipped"]
     assignment = assign_splits(groups, cfg.train_fraction, cfg.val_fraction, 0.0, cfg.seed)
@@ -304,17 +447,22 @@ def plan(raw: str | Path, cfg: PreprocessConfig) -> tuple[list[Source], list[S.I
 
 # ----------------------------------------------------------------------------------------- tile
 def _record_path(out: Path, src: Source) -> Path:
-    return out / STATE / "sources" / src.category / f"{src.flat}.json"
+    return _target(out, f"{STATE}/sources/{src.category}/{src.flat}.json")
+
+
+def _target(out: Path, rel: str) -> Path:
+    """``OUT/rel``, proven to lie inside OUT (links included) before anything is written there.
+
+    Names were checked when planned; this is the second, independent check on the final path
+    (:func:`threecad.paths.safe_join`), which also catches a link planted in OUT before a resume.
+    """
+    return safe_join(out, rel, "output path")
 
 
 def _read_frame(path: Path) -> np.ndarray:
     """Gray (8 or 16 bit) and RGB frames as they are; palette, RGBA, CMYK and the rest as RGB."""
-    try:
-        with Image.open(path) as probe:
-            mode = probe.mode
-    except Exception:  # read_image below reports it properly
-        mode = None
-    return read_image(path, None if mode in ("L", "RGB", "I;16", "I;16B") else "RGB")
+    mode = image_header(path).mode  # the header only; unreadable files are reported by it
+    return read_image(path, None if mode in ("L", "RGB", "I;16", "I;16B", "I;16L") else "RGB")
 
 
 def process_source(raw: Path, out: Path, src: Source, cfg: PreprocessConfig) -> dict:
@@ -323,7 +471,7 @@ def process_source(raw: Path, out: Path, src: Source, cfg: PreprocessConfig) -> 
     try:
         image = _read_frame(raw / src.image)
     except ThreecadError as exc:
-        record["issues"].append(S.Issue(src.image, None, S.IMAGE_UNREADABLE, S.SKIPPED, str(exc).split(": ", 1)[-1]).as_row())
+        record["issues"].append(S.Issue(src.image, None, S.IMAGE_UNREADABLE, S.SKIPPED, _reason(exc)).as_row())
         write_json(_record_path(out, src), record, indent=None)
         return record
     height, width = image.shape[:2]
@@ -344,11 +492,11 @@ def process_source(raw: Path, out: Path, src: Source, cfg: PreprocessConfig) -> 
         split = "test" if src.status == "defective" else src.split
         name = f"{src.flat}_{x0}_{y0}_{x1}_{y1}"
         image_rel = f"{src.category}/{split}/{folder}/{name}.png"
-        save_image(out / image_rel, np.ascontiguousarray(image[y0:y1, x0:x1]), compress_type=zlib.Z_RLE)
+        save_image(_target(out, image_rel), np.ascontiguousarray(image[y0:y1, x0:x1]), compress_type=zlib.Z_RLE)
         mask_rel, mask_sha, regions, coco = "", "", 0, []
         if defective:
             mask_rel = f"{src.category}/ground_truth/{folder}/{name}{cfg.mask_suffix}.png"
-            save_image(out / mask_rel, crop.astype(np.uint8) * 255, compress_type=zlib.Z_RLE)
+            save_image(_target(out, mask_rel), crop.astype(np.uint8) * 255, compress_type=zlib.Z_RLE)
             mask_sha = sha256_file(out / mask_rel)
             regions = int(ndimage.label(crop, structure=np.ones((3, 3)))[1])
             for t in present:
@@ -473,7 +621,7 @@ def _prepare_out(raw: Path, out: Path, settings: dict, overwrite: bool) -> bool:
                 part.unlink(missing_ok=True)
             return True
     out.mkdir(parents=True, exist_ok=True)
-    write_json(marker, settings)
+    write_json(_target(out, f"{STATE}/settings.json"), settings)
     return False
 
 
@@ -550,13 +698,13 @@ def _collect(out: Path, sources: list[Source], issues: list[S.Issue], types: lis
         used += bool(record["tiles"])
     rows.sort(key=lambda r: (r["category"], r["image"]))
     manifest = pd.DataFrame(rows, columns=[*COLUMNS, "coco"])
-    write_manifest(manifest[list(COLUMNS)], out / "manifest")
+    write_manifest(manifest[list(COLUMNS)], _target(out, "manifest"))
     for category in sorted({s.category for s in sources}):
         cat_rows = [r for r in rows if r["category"] == category]
-        write_text(out / "coco" / f"{category}.json", json.dumps(_coco(category, cat_rows, types), separators=(",", ":")) + "\n")
+        write_text(_target(out, f"coco/{category}.json"), json.dumps(_coco(category, cat_rows, types), separators=(",", ":")) + "\n")
     report = pd.DataFrame(rows_issues, columns=["file", "annotation", "problem", "action", "detail"])
     report = report.sort_values(["file", "annotation", "problem"], kind="stable").reset_index(drop=True)
-    write_text(out / "report.csv", report.to_csv(index=False, lineterminator="\n"))
+    write_text(_target(out, "report.csv"), report.to_csv(index=False, lineterminator="\n"))
     problems: dict[str, int] = {}
     for row in rows_issues:
         key = f"{row['problem']}/{row['action']}"
@@ -578,6 +726,6 @@ def _collect(out: Path, sources: list[Source], issues: list[S.Issue], types: lis
         "report": str(out / "report.csv"),
         "manifest": str(out / "manifest.parquet"),
     }
-    write_json(out / "preprocess_summary.json", {k: v for k, v in summary.items() if k not in ("report", "manifest")})
+    write_json(_target(out, "preprocess_summary.json"), {k: v for k, v in summary.items() if k not in ("report", "manifest")})
     log.info("wrote %d tiles (%d defective) to %s", summary["tiles"], summary["defective_tiles"], out)
     return summary

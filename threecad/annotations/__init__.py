@@ -9,16 +9,20 @@ running the whole preprocessing pipeline:
   :class:`~threecad.annotations.shapes.RawAnnotation` objects;
 * :mod:`~threecad.annotations.shapes`: turn one annotation into a valid shapely geometry, reporting
   every problem found and what was done about it;
-* :mod:`~threecad.annotations.raster`: the one pixel convention (pixel centres) used everywhere.
+* :mod:`~threecad.annotations.raster`: the one pixel convention (pixel centres) used everywhere;
+* :mod:`~threecad.annotations.jsonfile`: the one bounded JSON reader (size and nesting limits).
 """
 
-from threecad.annotations.coco import read_coco
+from threecad.annotations.coco import CocoFile, CocoImage, read_coco
 from threecad.annotations.labelmap import LabelMap, load_label_map
 from threecad.annotations.labelme import LabelmeDoc, read_labelme
 from threecad.annotations.raster import rasterize, rle_decode, rle_encode
-from threecad.annotations.shapes import Issue, RawAnnotation, to_geometry
+from threecad.annotations.shapes import GeometryWorker, Issue, RawAnnotation, to_geometry
 
 __all__ = [
+    "CocoFile",
+    "CocoImage",
+    "GeometryWorker",
     "Issue",
     "LabelMap",
     "LabelmeDoc",

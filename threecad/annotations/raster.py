@@ -27,6 +27,8 @@ from shapely.geometry import MultiPolygon, Polygon
 
 #: Rows filled per block, bounded so that the (rows x edges) work arrays stay small.
 _BLOCK_CELLS = 4_000_000
+#: 5-bit groups allowed per run in a compressed RLE string: 8 (40 bits; a 400 M pixel image needs 29).
+_MAX_GROUPS = 8
 
 
 def _rings(geom: Polygon | MultiPolygon) -> list[np.ndarray]:
@@ -98,12 +100,86 @@ def rle_encode(mask: np.ndarray) -> dict:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
-def rle_decode(rle: dict) -> np.ndarray:
-    """A bool (H, W) mask from COCO RLE, compressed (string counts) or uncompressed (list counts)."""
-    height, width = (int(v) for v in rle["size"])
+def rle_size(rle: object) -> tuple[int, int]:
+    """``(height, width)`` of a COCO RLE dict; ``ValueError`` naming what is wrong otherwise."""
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise ValueError("an RLE needs 'size' and 'counts'")
+    size = rle["size"]
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_count(v) for v in size):
+        raise ValueError(f"RLE size must be [height, width] with non-negative integers, got {str(size)[:80]}")
+    return int(size[0]), int(size[1])
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 0
+
+
+def _string_counts(text: str | bytes) -> np.ndarray:
+    """Run lengths of a compressed COCO ``counts`` string (pycocotools' text format).
+
+    Each run is written in 5-bit groups, least significant first, as characters ``48 + group``;
+    bit 0x20 of a character means "another group follows" and bit 0x10 of a run's last character
+    is its sign. From the fourth run on, the number stored is the difference to the run two places
+    earlier. Decoded here with numpy so that a malformed string is refused instead of reaching C
+    code that does not check it (pycocotools fills a short string's missing pixels from
+    uninitialised memory). At most :data:`_MAX_GROUPS` groups per run (40 bits).
+    """
+    data = np.frombuffer(text.encode("ascii") if isinstance(text, str) else bytes(text), dtype=np.uint8)
+    groups = data.astype(np.int64) - 48
+    if not len(groups):
+        return groups
+    if (groups < 0).any() or (groups > 63).any():
+        raise ValueError("RLE counts string has characters outside '0'..'o'")
+    last = (groups & 0x20) == 0  # the last group of each run
+    if not last[-1]:
+        raise ValueError("RLE counts string ends in the middle of a run")
+    run = np.concatenate([[0], np.cumsum(last[:-1])])  # run number of every character
+    first = np.flatnonzero(np.concatenate([[True], last[:-1]]))
+    position = np.arange(len(groups)) - first[run]  # group number within its run
+    if position.max() >= _MAX_GROUPS:
+        raise ValueError(f"RLE counts string has a run of more than {_MAX_GROUPS} groups")
+    values = np.zeros(len(first), dtype=np.int64)
+    np.add.at(values, run, (groups & 0x1F) << (5 * position))
+    ends = np.flatnonzero(last)
+    negative = (groups[ends] & 0x10) != 0
+    values[negative] -= np.int64(1) << (5 * (position[ends][negative] + 1))
+    values[1::2] = np.cumsum(values[1::2])  # undo the differences to the run two places earlier
+    values[2::2] = np.cumsum(values[2::2])
+    return values
+
+
+def rle_counts(rle: object) -> tuple[int, int, np.ndarray]:
+    """``(height, width, run lengths)`` of a COCO RLE, validated: ``ValueError`` with the reason.
+
+    Runs alternate background/foreground starting with background, are non-negative integers and
+    must add up to exactly ``height * width``; ``counts`` is a list (uncompressed) or a string.
+    """
+    height, width = rle_size(rle)
     counts = rle["counts"]
     if isinstance(counts, list):
-        rle = coco_mask.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+        if not all(_count(c) for c in counts):
+            raise ValueError("uncompressed RLE counts must be non-negative integers")
+        runs = np.asarray(counts, dtype=np.int64)
+    elif isinstance(counts, (str, bytes)):
+        try:
+            runs = _string_counts(counts)
+        except UnicodeEncodeError:
+            raise ValueError("RLE counts string is not ASCII") from None
     else:
-        rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return coco_mask.decode(rle).astype(bool)
+        raise ValueError(f"RLE counts must be a list or a string, got {type(counts).__name__}")
+    if (runs < 0).any():
+        raise ValueError("RLE counts string decodes to a negative run")
+    if int(runs.sum()) != height * width:
+        raise ValueError(f"RLE runs cover {int(runs.sum()):,} pixels, the size {height}x{width} has {height * width:,}")
+    return height, width, runs
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """A bool (H, W) mask from COCO RLE, compressed (string counts) or uncompressed (list counts).
+
+    Validated by :func:`rle_counts` first (``ValueError`` for a malformed RLE); runs are laid out
+    in column-major order, as COCO stores them.
+    """
+    height, width, runs = rle_counts(rle)
+    values = (np.arange(len(runs)) % 2).astype(bool)
+    return np.repeat(values, runs).reshape((height, width), order="F")

@@ -15,7 +15,8 @@ ImageNet backbone sees such a gain as a different texture, so a memory bank or a
 every gain separately. Dividing by the image mean removes the global gain and keeps local contrast,
 which is what a defect changes. ``"raw"`` (the default) leaves pixels alone.
 
-Images are returned as float32 RGB tensors in [0, 1] (grayscale replicated to three channels);
+Images are returned as float32 RGB tensors in [0, 1] (grayscale replicated to three channels;
+16-bit images scaled by bit depth, ``round(v * 255 / 65535)``, by :func:`threecad.io.read_image`);
 normalisation belongs to the model, since backbones disagree on it. Masks are float32 {0, 1}.
 
 A source is either a dataset folder in the layout of :mod:`threecad.layout` or a manifest table
@@ -37,7 +38,7 @@ import torch
 from PIL import Image
 
 from threecad.errors import ThreecadError
-from threecad.io import atomic_write, read_image
+from threecad.io import atomic_write, open_image, read_image
 from threecad.layout import GOOD, SPLITS, Sample, list_categories, list_samples
 
 ResizeMode = Literal["squash", "aspect", "native"]
@@ -78,18 +79,13 @@ def read_mask(path: str | Path, expected_size: tuple[int, int] | None = None) ->
     Accepts 0/255 and 0/1 grayscale, anti-aliased masks (threshold at half the maximum value
     the file can hold, so 0/1 and 0/255 both work), mode '1' and palette images (foreground =
     any non-zero palette index). RGB masks are refused: they usually mean a wrong file.
-    ``expected_size`` is (width, height) of the image the mask belongs to.
+    ``expected_size`` is (width, height) of the image the mask belongs to, as displayed: masks
+    are read through :func:`threecad.io.open_image`, so an EXIF orientation turns them too.
     """
     path = Path(path)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            array = np.asarray(image)
-    except FileNotFoundError:
-        raise ThreecadError("mask file not found", path) from None
-    except Exception as exc:
-        raise ThreecadError(f"unreadable mask ({exc.__class__.__name__}: {exc})", path) from None
+    with open_image(path, "mask") as image:  # the image rule: bomb guard, EXIF orientation
+        mode = image.mode
+        array = np.asarray(image)
     if array.ndim == 3:
         if array.shape[2] == 2 or (array.shape[2] == 4 and mode == "LA"):
             array = array[..., 0]

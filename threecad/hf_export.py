@@ -9,7 +9,9 @@ module exists to avoid (the test exports, deletes the source, reloads and compar
 
 Images are embedded byte for byte as stored (no re-encoding, so nothing is lost); masks are
 binarised with :func:`threecad.data.read_mask` and stored as 0/255 grayscale PNGs, so every
-consumer sees the same foreground whatever the source encoding was. Good images have no mask
+consumer sees the same foreground whatever the source encoding was. Masks are in the displayed
+orientation (EXIF applied, as everywhere in threecad), which is also how ``datasets`` decodes an
+image carrying an orientation tag. Good images have no mask
 (``None``): an all-zero image per good sample would only cost space.
 
 Columns: ``image``, ``mask``, ``label`` (ClassLabel good/defect), ``category`` (ClassLabel over the
@@ -31,11 +33,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from threecad.catalog import CATEGORY_FOLDERS, LICENSE_NOTE, canonical_category
+from threecad.catalog import CATEGORY_FOLDERS, LICENSE_NOTE, canonical_category, resolve_categories
 from threecad.data import collect_samples, image_metadata, read_mask
 from threecad.errors import ThreecadError
-from threecad.io import check_output_dir, staged_dir
-from threecad.layout import GOOD, SPLITS, Sample
+from threecad.io import check_output_dir, image_size, staged_dir
+from threecad.layout import GOOD, SPLITS, Sample, list_categories
 from threecad.progress import progress
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,8 @@ def _rows(samples: list[Sample], root: str, meta: dict[str, dict]):
         image_bytes = sample.image_path.read_bytes()
         mask = None
         if sample.label == 1:
-            with Image.open(io.BytesIO(image_bytes)) as image:
-                size = image.size
+            # Displayed size (EXIF orientation applied), as the mask is read and as datasets decodes.
+            size = image_size(sample.image_path)
             mask = {"bytes": _png(read_mask(sample.mask_path, expected_size=size)), "path": f"{sample.stem}.png"}
         types = extra.get("defect_types") or ([] if sample.defect == GOOD else [sample.defect])
         yield {
@@ -175,7 +177,7 @@ def export_hf(
     check_output_dir(out, overwrite)
     if out.resolve().is_relative_to(root.resolve()):
         raise ThreecadError("the export folder must be outside the dataset folder", out)
-    cats = categories or None
+    cats = resolve_categories(list_categories(root), categories, root) if categories else None  # codes, aliases
     per_split = {split: [s for c in (cats or [None]) for s in collect_samples(root, c, split)] for split in SPLITS}
     per_split = {k: v for k, v in per_split.items() if v}
     if not per_split:

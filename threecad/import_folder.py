@@ -9,8 +9,10 @@ The split is the unsupervised-benchmark one: a seeded ``train_fraction`` of the 
 trains, a seeded ``validation_fraction`` of those moves to ``validation/good`` (model selection
 without touching test), and the remaining normals plus every defective image form the test set.
 Normal images with identical bytes stay on one side, so the import never creates train/test
-leakage that ``verify`` would flag. Images are copied byte for byte (or hard-linked); masks are
-binarised and written as 0/255 PNGs named like their image (3CAD style).
+leakage that ``verify`` would flag. Images are copied byte for byte (or hard-linked), EXIF
+orientation included; masks are read in the displayed orientation (:func:`threecad.io.open_image`),
+binarised and written upright as 0/255 PNGs named like their image (3CAD style), so they line up
+with the image as every reader here shows it.
 
 The output is built in a temporary sibling folder and renamed into place when complete. It also
 holds ``import_manifest.csv`` (the anomalib-``Tabular`` table plus each file's ``source_path``)
@@ -38,6 +40,7 @@ from threecad.io import (
     save_image,
     sha256_file,
     staged_dir,
+    to_uint8,
     write_json,
 )
 from threecad.layout import GOOD, IMAGE_SUFFIXES, MVTEC_SUFFIX, Sample
@@ -136,6 +139,8 @@ def _binary_mask(path: Path, threshold: int | None, size: tuple[int, int]) -> np
         raise ThreecadError(f"mask must be single-channel, got shape {array.shape}", path)
     if (array.shape[1], array.shape[0]) != tuple(size):
         raise ThreecadError(f"mask size {array.shape[1]}x{array.shape[0]} differs from its image's {size[0]}x{size[1]}", path)
+    if array.dtype != np.uint8 and array.dtype.kind in "ui":
+        array = to_uint8(array, path)  # the threshold is on the 8-bit scale whatever the bit depth
     return array > threshold
 
 

@@ -3,7 +3,10 @@
 Checks, per category: the folder structure (``train`` and ``validation`` hold only ``good``);
 every defective test image paired with exactly one mask of the same size that is not empty;
 good images without masks; every image decodable; image sizes and counts against the paper's
-Table 1; the same image bytes (sha256) on both sides of the train/test boundary.
+Table 1; the same image bytes (sha256) on both sides of the train/test boundary. Images with more
+than 8 bits per channel (16-bit frames) are listed per category as a warning and under
+``bit_depth`` in the JSON report: they are valid, but the loaders scale them to 8 bits by bit
+depth (``round(v * 255 / 65535)``, :func:`threecad.io.read_image`), which a user should know.
 
 Counts and size ranges are strict only when the copy claims to be full 3CAD: ``expect="full"``,
 or ``expect="auto"`` (the default) with all eight 3CAD category folders present. A subset, a
@@ -28,7 +31,7 @@ from typing import Literal
 from threecad.catalog import CATEGORY_FOLDERS, canonical_category, category_info
 from threecad.data import read_mask
 from threecad.errors import ThreecadError
-from threecad.io import image_size, read_image, sha256_file, write_json
+from threecad.io import image_header, read_image, sha256_file, write_json
 from threecad.layout import GOOD, MVTEC_SUFFIX, SPLITS, Sample, is_image, list_categories, list_samples
 from threecad.progress import progress
 
@@ -39,7 +42,7 @@ Expect = Literal["auto", "full", "subset"]
 
 @dataclass(frozen=True)
 class Issue:
-    check: str  # structure, mask, readable, counts, sizes, leakage, duplicate
+    check: str  # structure, mask, readable, counts, sizes, leakage, duplicate, bit_depth
     path: str  # relative to the dataset root ('' for the whole dataset)
     message: str
 
@@ -57,6 +60,8 @@ class VerifyReport:
     sizes: dict[str, dict[str, int]] = field(default_factory=dict)
     table1: list[dict] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
+    #: per category: images with more than 8 bits per channel (count, an example, modes seen)
+    bit_depth: dict[str, dict] = field(default_factory=dict)
     files: int = 0
     fingerprint: str | None = None
 
@@ -75,6 +80,7 @@ class VerifyReport:
             "sizes": self.sizes,
             "table1": self.table1,
             "duplicates": self.duplicates,
+            "bit_depth": self.bit_depth,
             "files": self.files,
             "fingerprint": self.fingerprint,
         }
@@ -122,6 +128,8 @@ class _ImageResult:
     sample: Sample
     sha256: str | None = None
     size: tuple[int, int] | None = None  # (width, height)
+    mode: str | None = None  # PIL mode as stored
+    bits: int = 8  # bits per channel as stored
     masks: list[Path] = field(default_factory=list)
     issues: list[tuple[bool, str, Path, str]] = field(default_factory=list)  # (is_problem, check, path, message)
 
@@ -144,11 +152,13 @@ def _check_image(sample: Sample, cat_dir: Path, decode: bool = True) -> _ImageRe
     result = _ImageResult(sample)
     try:
         result.sha256 = sha256_file(sample.image_path)
+        header = image_header(sample.image_path)
+        result.size, result.mode, result.bits = (header.width, header.height), header.mode, header.bits
         if decode:
             image = read_image(sample.image_path)
             result.size = (image.shape[1], image.shape[0])
-        else:
-            result.size = image_size(sample.image_path)
+            if header.bits > 8:
+                read_image(sample.image_path, "RGB")  # what the loaders do; refuses what cannot be scaled
     except (ThreecadError, OSError) as exc:
         message = _message(exc) if isinstance(exc, ThreecadError) else str(exc)
         result.issues.append((True, "readable", sample.image_path, message))
@@ -310,6 +320,17 @@ def verify_dataset(
                 "min_width": min(w for w, _ in sizes),
                 "max_width": max(w for w, _ in sizes),
             }
+        wide = [r for r in cat_results if r.bits > 8]
+        if wide:
+            modes: dict[str, int] = defaultdict(int)
+            for r in wide:
+                modes[f"{r.mode}, {r.bits}-bit"] += 1
+            first = wide[0]
+            report.bit_depth[cat] = {"images": len(wide), "example": first.sample.relpath, "modes": dict(modes)}
+            add(False, "bit_depth", cat,
+                f"{len(wide)} {'image has' if len(wide) == 1 else 'images have'} more than 8 bits per channel "
+                f"(e.g. {first.sample.relpath}: {first.mode}, "
+                f"{first.bits}-bit); the loaders scale them to 8 bits by bit depth (v * 255 / 65535, rounded)")
         info = category_info(cat)
         if info is None:
             continue

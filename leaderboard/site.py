@@ -7,15 +7,21 @@ base64 data URIs, so the file can be mailed, archived or served from anywhere, o
 Every table states its protocol and source in its caption and every cell repeats them in its
 ``title``; published (``reported``) numbers and our own evaluations are separate tables, as are the
 two protocols.
+
+Names come from submissions, so they are text, never markup: the tables escape them for HTML
+(:mod:`leaderboard.tables`), and every string drawn by matplotlib goes through :func:`mpl_text`
+(no mathtext, no ``_`` legend marker) inside :data:`_PLAIN_TEXT` (no LaTeX even where a
+matplotlibrc turns ``text.usetex`` on).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import logging
-import os
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from leaderboard import reported  # noqa: E402
 from leaderboard.store import Store  # noqa: E402
-from leaderboard.tables import build_table, category_label, metric_label  # noqa: E402
+from leaderboard.tables import build_table, category_label, metric_label, one_line  # noqa: E402
 from threecad.io import write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,8 @@ PAIRS = (("p_auroc", "p_ap"), ("i_auroc", "aupro"), ("i_f1max", "p_f1max"))
 RUNTIME_PAIR = ("latency_ms", "peak_memory_mb")
 #: (protocol, source) sections in page order.
 SECTIONS = (("3cad-paper", "reported"), ("3cad-paper", "evaluated"), ("mvtec", "evaluated"))
+#: Matplotlib settings while drawing: stored names must never reach a LaTeX run.
+_PLAIN_TEXT = {"text.usetex": False}
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em;color:#222;max-width:1400px}
@@ -79,6 +87,29 @@ window.addEventListener('load',function(){
 """
 
 
+def mpl_text(text: object) -> str:
+    """A stored name as matplotlib draws it literally.
+
+    Matplotlib reads a string with an even number of unescaped ``$`` as mathtext (``Net $\\foo{$``
+    fails to parse and the whole page with it); ``\\$`` is its escape for a literal dollar and no
+    other backslash means anything outside math. A legend label starting with ``_`` is dropped
+    silently, so such a name gets a leading space. Control characters are shown as escapes.
+    """
+    text = one_line(text).replace("$", "\\$")
+    return " " + text if text.startswith("_") else text
+
+
+def _plain_text(draw: Callable[..., str]) -> Callable[..., str]:
+    """Run a chart function with :data:`_PLAIN_TEXT` in force, from the first artist to ``savefig``
+    (tick labels are made at draw time and read the settings then)."""
+    @functools.wraps(draw)
+    def wrapper(*args: Any, **kwargs: Any) -> str:
+        with matplotlib.rc_context(_PLAIN_TEXT):
+            return draw(*args, **kwargs)
+
+    return wrapper
+
+
 def _png(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
@@ -92,9 +123,10 @@ def _img(data: str, alt: str) -> str:
 
 def _label(row: dict[str, Any]) -> str:
     version = row.get("version")
-    return f"{row['method']} ({version})" if version else row["method"]
+    return mpl_text(f"{row['method']} ({version})" if version else row["method"])
 
 
+@_plain_text
 def bar_chart(rows: list[dict[str, Any]], protocol: str, metrics: tuple[str, ...] = ("i_auroc", "p_auroc")) -> str:
     """Grouped bars: one group per category, one bar per evaluated entry, one panel per metric."""
     entries = sorted({(r["submission_sha256"], _label(r)) for r in rows}, key=lambda e: e[1])
@@ -107,7 +139,8 @@ def bar_chart(rows: list[dict[str, Any]], protocol: str, metrics: tuple[str, ...
             heights = [values.get((sha, c, metric)) for c in categories]
             xs = [i + k * width - 0.4 + width / 2 for i in range(len(categories))]
             ax.bar(xs, [0 if h is None else 100 * h for h in heights], width, label=label)
-        ax.set_xticks(range(len(categories)), [category_label(c) for c in categories], rotation=30, fontsize=8)
+        ax.set_xticks(range(len(categories)), [mpl_text(category_label(c)) for c in categories], rotation=30,
+                      fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_ylabel(f"{metric_label(metric, protocol)} (%)")
         ax.set_title(f"{metric_label(metric, protocol)}, protocol {protocol}", fontsize=10)
@@ -116,15 +149,18 @@ def bar_chart(rows: list[dict[str, Any]], protocol: str, metrics: tuple[str, ...
     return _png(fig)
 
 
+@_plain_text
 def curve_chart(curves: list[dict[str, Any]], labels: dict[str, str], category: str, protocol: str) -> str:
     """Pixel ROC and PRO curves (FPR <= 0.3) of every evaluated entry for one category."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for curve in curves:
         ax = axes[0] if curve["kind"] == "roc" else axes[1]
-        ax.plot(curve["x"], curve["y"], lw=1.2, label=labels.get(curve["submission_sha256"], curve["submission_sha256"][:8]))
+        label = labels.get(curve["submission_sha256"]) or mpl_text(curve["submission_sha256"][:8])
+        ax.plot(curve["x"], curve["y"], lw=1.2, label=label)
     axes[0].plot([0, 1], [0, 1], color="#bbb", lw=0.8, ls="--")
-    axes[0].set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"pixel ROC, {category_label(category)}")
-    axes[1].set(xlabel="false-positive rate", ylabel="PRO", title=f"PRO, {category_label(category)}")
+    name = mpl_text(category_label(category))
+    axes[0].set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"pixel ROC, {name}")
+    axes[1].set(xlabel="false-positive rate", ylabel="PRO", title=f"PRO, {name}")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.title.set_fontsize(10)
@@ -147,7 +183,7 @@ def build_site(store: Store | str | Path | None, out: str | Path, title: str = "
     if out.suffix.lower() not in (".html", ".htm"):
         out = out / "index.html"
     own = not isinstance(store, Store)
-    db = Store(store) if own else store
+    db = Store(store, readonly=True) if own else store
     try:
         parts = [f"<h1>{html.escape(title)}</h1>",
                  f'<p class="note">Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from '
@@ -197,10 +233,7 @@ def build_site(store: Store | str | Path | None, out: str | Path, title: str = "
         page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
                 f"<title>{html.escape(title)}</title><style>{_CSS}</style><script>{_JS}</script></head>"
                 "<body>\n" + "\n".join(parts) + "\n</body></html>\n")
-        write_text(out, page)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(out, 0o666 & ~umask)  # a page to serve: readable like any file the user creates
+        write_text(out, page)  # with the umask's mode, like every file threecad.io writes
         log.debug("wrote %s (%d KB)", out, len(page) // 1024)
         return out
     finally:

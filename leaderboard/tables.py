@@ -5,6 +5,10 @@ paper's legacy protocol are never put in one column. Cells are percentages with 
 column and metric the best value is bold and the second underlined (ranks are taken on the printed
 values, so equal printed numbers share a mark); "-" marks a missing number. The Mean column is the
 stored mean (the published one for reported rows), never recomputed here.
+
+Every name in a table (method, version, family, category) comes from a submission or an import, so
+it is data, never markup: each format escapes it (:func:`md_escape`, :func:`latex_escape`,
+``html.escape``, :func:`csv_cell`) after :func:`one_line` has made control characters visible.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +32,89 @@ RUNTIME_METRICS = {"latency_ms": "ms/image", "peak_memory_mb": "MB", "throughput
 LOWER_IS_BETTER = {"latency_ms", "peak_memory_mb", "fit_s"}
 _FOLDER_TO_CODE = {c.folder: c.code for c in CATEGORIES}
 _CODE_ORDER = {c.folder: i for i, c in enumerate(CATEGORIES)}
+
+
+# ---------------------------------------------------------------------------------------------- escaping
+#: Bidirectional-override characters: they reorder how a terminal or browser shows the text after them.
+_BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+#: Characters Markdown (CommonMark/GFM) could read as markup inside a table cell; each gets a backslash.
+MD_SPECIAL = "\\`*_[]<>|&~$"
+#: LaTeX's special characters in text mode, and the commands that print them. ``<``, ``>`` and ``|``
+#: are listed too: the default OT1 font encoding prints them as other glyphs.
+LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}", "{": r"\{", "}": r"\}", "$": r"\$", "&": r"\&", "#": r"\#",
+    "^": r"\textasciicircum{}", "_": r"\_", "%": r"\%", "~": r"\textasciitilde{}",
+    "<": r"\textless{}", ">": r"\textgreater{}", "|": r"\textbar{}",
+}
+#: A cell a spreadsheet would run as a formula starts with one of these (OWASP's list); it gets a
+#: leading ``'``, which spreadsheets show as text. A cell already starting with ``'`` followed by one
+#: of these (or by another ``'``) gets one too, so that :func:`csv_uncell` undoes the guard exactly.
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _invisible(char: str) -> bool:
+    return unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") or char in _BIDI
+
+
+def text_problem(value: object, max_chars: int, allow: str = "") -> str | None:
+    """Why ``value`` cannot be a stored name or note, or None: it must be a string of at most
+    ``max_chars`` characters without control, line-separator, bidi-override or surrogate characters
+    (those in ``allow``, e.g. newline and tab in free-text notes, excepted). Used where text first
+    enters (``meta.json``), so every later view gets plain text."""
+    if not isinstance(value, str):
+        kind = {dict: "an object", list: "an array", bool: "true/false"}.get(type(value), "a number")
+        return f"must be a string, not {kind}"
+    if len(value) > max_chars:
+        return f"is {len(value):,} characters long; the limit is {max_chars:,}"
+    for position, char in enumerate(value):
+        if _invisible(char) and char not in allow:
+            return (f"contains the control character U+{ord(char):04X} at position {position}; "
+                    "use plain one-line text")
+    return None
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line with every control, line-separator and bidi character shown as an escape
+    (``\\n``, ``\\x1b``, ``\\u202e``): what a terminal or table prints is the text, not its effects."""
+    text = "" if text is None else str(text)
+    if not any(_invisible(c) for c in text):
+        return text
+    return "".join(_NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+                   if _invisible(c) else c for c in text)
+
+
+def md_escape(text: object) -> str:
+    """One Markdown table cell showing ``text`` literally (:data:`MD_SPECIAL` backslash-escaped)."""
+    return "".join("\\" + c if c in MD_SPECIAL else c for c in one_line(text))
+
+
+def latex_escape(text: object) -> str:
+    """``text`` for LaTeX text mode, each :data:`LATEX_SPECIAL` character replaced in one pass."""
+    return "".join(LATEX_SPECIAL.get(c, c) for c in one_line(text))
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: a string starting with ``= + - @``, tab or CR
+    (or with ``'`` followed by one of those or ``'``) gets a leading ``'``. Numbers pass unchanged;
+    newlines are kept (the csv module quotes them)."""
+    if isinstance(value, str) and value and (value.startswith(CSV_FORMULA_START) or _quoted(value)):
+        return "'" + value
+    return value
+
+
+def csv_uncell(value: Any) -> Any:
+    """Undo :func:`csv_cell` (``import`` reads back exactly what ``export`` was given)."""
+    return value[1:] if isinstance(value, str) and _quoted(value) else value
+
+
+def _quoted(value: str) -> bool:
+    return value.startswith("'") and (value[1:2] == "'" or value[1:].startswith(CSV_FORMULA_START))
+
+
+def _html(text: object) -> str:
+    """Text for an HTML element or a quoted attribute (``& < > " '`` escaped)."""
+    return html.escape(one_line(text), quote=True)
 
 
 def metric_label(metric: str, protocol: str | None = None) -> str:
@@ -66,9 +154,19 @@ def default_protocol(source: str | None, metrics: tuple[str, ...]) -> str:
 @dataclass
 class Row:
     family: str
-    label: str
+    label: str  # the entry's name: method and version as stored (data: every format escapes it)
     source: str
     values: dict[tuple[str, str], float | None] = field(default_factory=dict)  # (category, metric) -> value
+    tags: list[str] = field(default_factory=list)  # ours, printed in brackets: "paper", a sha256 prefix
+
+    @property
+    def name(self) -> str:
+        """The label as printed, tags included (``PaDiM [paper]``)."""
+        return self.label + "".join(f" [{t}]" for t in self.tags)
+
+    def md_name(self) -> str:
+        """:attr:`name` for Markdown: the label and each tag's text escaped, our brackets kept."""
+        return md_escape(self.label) + "".join(f" [{md_escape(t)}]" for t in self.tags)
 
 
 @dataclass
@@ -111,7 +209,7 @@ class Table:
         names = "/".join(metric_label(m, self.protocol) for m in self.metrics)
         unit = "%" if all(self.percent(m) for m in self.metrics) else ", ".join(
             RUNTIME_METRICS.get(m, "%") for m in self.metrics)
-        return f"{names} ({unit}); protocol {self.protocol}; source {self.source}"
+        return one_line(f"{names} ({unit}); protocol {self.protocol}; source {self.source}")
 
     def cell(self, index: int, column: str, style: str) -> str:
         """One cell, metrics joined by '/', each marked in ``style`` ('md', 'latex', 'html', 'plain')."""
@@ -140,14 +238,14 @@ class Table:
         return getattr(self, f"_render_{fmt}")()
 
     def _render_md(self) -> str:
-        header = ["Family", "Method", *map(category_label, self.columns)]
-        lines = [f"{self.title()}", "", "| " + " | ".join(header) + " |",
+        header = ["Family", "Method", *(md_escape(category_label(c)) for c in self.columns)]
+        lines = [md_escape(self.title()), "", "| " + " | ".join(header) + " |",
                  "|" + "|".join(["---", "---"] + [":-:"] * len(self.columns)) + "|"]
         previous = None
         for i, row in enumerate(self.rows):
             family = row.family if row.family != previous else ""
             previous = row.family
-            cells = [family, row.label.replace("|", "\\|"), *(self.cell(i, c, "md") for c in self.columns)]
+            cells = [md_escape(family), row.md_name(), *(self.cell(i, c, "md") for c in self.columns)]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 
@@ -155,18 +253,14 @@ class Table:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["family", "method", "source", "protocol",
-                         *(f"{category_label(c)}/{m}" for c in self.columns for m in self.metrics)])
-        for row in self.rows:
-            writer.writerow([row.family, row.label, row.source, self.protocol,
+                         *(csv_cell(f"{category_label(c)}/{m}") for c in self.columns for m in self.metrics)])
+        for row in self.rows:  # names guarded; the numbers (digits or "-") are ours
+            writer.writerow([*map(csv_cell, (row.family, row.name, row.source, self.protocol)),
                              *(self.text(row.values.get((c, m)), m) for c in self.columns for m in self.metrics)])
         return buffer.getvalue()
 
     def _render_latex(self) -> str:
-        def esc(text: str) -> str:
-            for a, b in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#")):
-                text = text.replace(a, b)
-            return text
-
+        esc = latex_escape
         lines = [
             "% " + self.title(),
             "\\begin{tabular}{ll" + "c" * len(self.columns) + "}",
@@ -179,25 +273,25 @@ class Table:
                 lines.append("\\midrule")
             family = esc(row.family) if row.family != previous else ""
             previous = row.family
-            lines.append(" & ".join([family, esc(row.label), *(self.cell(i, c, "latex") for c in self.columns)])
+            lines.append(" & ".join([family, esc(row.name), *(self.cell(i, c, "latex") for c in self.columns)])
                          + " \\\\")
         lines += ["\\bottomrule", "\\end{tabular}"]
         return "\n".join(lines) + "\n"
 
     def _render_html(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in ["Family", "Method", *map(category_label, self.columns)])
+        head = "".join(f"<th>{_html(h)}</th>" for h in ["Family", "Method", *map(category_label, self.columns)])
         body = []
         for i, row in enumerate(self.rows):
-            cells = [f"<td>{html.escape(row.family)}</td>", f"<td>{html.escape(row.label)}</td>"]
+            cells = [f"<td>{_html(row.family)}</td>", f"<td>{_html(row.name)}</td>"]
             for c in self.columns:
                 sort_key = row.values.get((c, self.metrics[0]))
                 key = "" if sort_key is None else f"{sort_key:.6f}"
-                note = html.escape(f"{category_label(c)}; protocol {self.protocol}; source {row.source}", quote=True)
+                note = _html(f"{category_label(c)}; protocol {self.protocol}; source {row.source}")
                 cells.append(f'<td data-sort="{key}" title="{note}">{self.cell(i, c, "html")}</td>')
-            body.append(f'<tr data-source="{row.source}">' + "".join(cells) + "</tr>")
+            body.append(f'<tr data-source="{_html(row.source)}">' + "".join(cells) + "</tr>")
         return (
-            f'<table class="leaderboard" data-protocol="{html.escape(self.protocol)}">'
-            f"<caption>{html.escape(self.title())}</caption>"
+            f'<table class="leaderboard" data-protocol="{_html(self.protocol)}">'
+            f"<caption>{_html(self.title())}</caption>"
             f"<thead><tr>{head}</tr></thead><tbody>" + "".join(body) + "</tbody></table>\n"
         )
 
@@ -233,12 +327,10 @@ def build_table(
         # Reported numbers of one method form one row whatever their pseudo-submission.
         key = f"reported:{r['method']}" if r["source"] == "reported" else r["submission_sha256"]
         if key not in rows:
-            label = _row_label(r)
-            if source == "all" and r["source"] == "reported":
-                label += " [paper]"
+            tags = ["paper"] if source == "all" and r["source"] == "reported" else []
             family = r.get("family") or family_of(r["method"])
-            rows[key] = Row(family if family in FAMILY_ORDER else "other", label, r["source"])
-            labels[key] = label
+            rows[key] = Row(family if family in FAMILY_ORDER else "other", _row_label(r), r["source"], tags=tags)
+            labels[key] = rows[key].name
         rows[key].values[(r["category"], r["metric"])] = r["value"]
         seen_categories.add(r["category"])
     # Disambiguate equal labels of different submissions.
@@ -246,8 +338,8 @@ def build_table(
     for label in labels.values():
         counts[label] = counts.get(label, 0) + 1
     for key, row in rows.items():
-        if counts[row.label] > 1 and not key.startswith("reported:"):
-            row.label = f"{row.label} [{key[:8]}]"
+        if counts[row.name] > 1 and not key.startswith("reported:"):
+            row.tags.append(key[:8])
     if categories is None:
         categories = sorted((c for c in seen_categories if c != MEAN), key=lambda c: (_CODE_ORDER.get(c, 99), c))
         if source in ("reported", "all") and protocol == "3cad-paper":

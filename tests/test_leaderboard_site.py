@@ -80,6 +80,7 @@ def test_page_is_self_contained_and_labelled(page):
 
 
 def test_cli_site(tmp_path):
+    Store(tmp_path / "lb.sqlite").close()  # a new store: the paper's tables only
     result = CliRunner().invoke(cli, ["leaderboard", "site", str(tmp_path / "page.html"),
                                       "--store", str(tmp_path / "lb.sqlite")])
     assert result.exit_code == 0, result.output

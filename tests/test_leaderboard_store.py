@@ -180,6 +180,10 @@ def test_default_path_and_cli_export(tmp_path, monkeypatch):
     assert store_module.default_store_path() == tmp_path / "env.sqlite"
     runner = CliRunner()
     out = tmp_path / "all.csv"
+    missing = runner.invoke(cli, ["leaderboard", "export", str(out)])  # export reads: it creates no store
+    assert missing.exit_code == 1 and f"no store at {tmp_path / 'env.sqlite'}" in missing.output
+    assert not (tmp_path / "env.sqlite").exists() and not out.exists()
+    Store().close()  # the default path, from the environment
     result = runner.invoke(cli, ["leaderboard", "export", str(out)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "env.sqlite").is_file()

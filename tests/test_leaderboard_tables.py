@@ -174,6 +174,7 @@ def test_mean_checks_are_reported_not_recomputed():
 
 def test_table_cli(tmp_path):
     store = tmp_path / "cli.sqlite"
+    Store(store).close()
     result = CliRunner().invoke(cli, ["leaderboard", "table", "--store", str(store), "--pair", "i_auroc/aupro"])
     assert result.exit_code == 0, result.output
     _, rows, _ = _md_rows(result.output)

@@ -119,7 +119,7 @@ def data() -> None:
 @click.option("--tile", default=1024, show_default=True, help="Window size in pixels.")
 @click.option("--overlap", default=0.2, show_default=True, help="Overlap between windows (fraction of the tile).")
 @click.option("--min-fraction", default=0.2, show_default=True,
-              help="Discard windows whose area is under this fraction of a full tile.")
+              help="Discard windows (and small frames) with a side under this fraction of the tile.")
 @click.option("--category", help="One category for every frame (default: one per sub-folder of RAW).")
 @click.option("--label-map", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML/JSON label map (default: RAW/label_map.yaml if present, else every label is a type).")
@@ -320,8 +320,9 @@ def backbones_command() -> None:
 @click.option("--method", required=True, help="Method name (see `3cad methods`).")
 @click.option("--dataset", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--category", "categories", multiple=True, required=True,
-              help="Category to train (repeatable), or `all`.")
+              help="Category folder, 3CAD code (AI) or alias (repeat, or comma-separated), or `all`.")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [runs/<method>].")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the whole run has succeeded).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--size", default=256, show_default=True, help="Image side fed to the model.")
 @click.option("--resize", type=click.Choice(["squash", "aspect"]), default="squash", show_default=True)
@@ -336,8 +337,8 @@ def backbones_command() -> None:
 @click.option("--textures", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Texture folder for anomaly synthesis, e.g. DTD's images/ (method option, cfrg).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any other method option (repeatable).")
-def train_command(method, dataset, categories, out, device, size, resize, exposure, seed, backbone, epochs,
-                  batch_size, teacher, resume, textures, settings) -> None:
+def train_command(method, dataset, categories, out, overwrite, device, size, resize, exposure, seed, backbone,
+                  epochs, batch_size, teacher, resume, textures, settings) -> None:
     """Fit a method on the train/good images of each category; one run folder per category."""
     from baselines.runner import train
 
@@ -345,8 +346,8 @@ def train_command(method, dataset, categories, out, device, size, resize, exposu
     named = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "teacher": teacher, "resume": resume,
              "textures": None if textures is None else str(textures.resolve())}
     config.update({k: v for k, v in named.items() if v is not None})
-    runs = train(method, dataset, list(categories), out=out, device=device, size=size, resize=resize, seed=seed,
-                 config=config, exposure=exposure)
+    runs = train(method, dataset, _names(categories), out=out, device=device, size=size, resize=resize, seed=seed,
+                 config=config, exposure=exposure, overwrite=overwrite)
     for run in runs:
         click.echo(f"wrote {run}")
 
@@ -356,17 +357,18 @@ def train_command(method, dataset, categories, out, device, size, resize, exposu
               help="A run folder or a folder of run folders.")
 @click.option("--dataset", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Predictions folder.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once every map is written).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
 @click.option("--device", default=None, help="Override the run's device (auto, cpu, cuda).")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="Override an inference option of the saved run (e.g. topk=0.03, sigma=2; repeatable).")
-def predict_command(run, dataset, out, dtype, device, batch_size, settings) -> None:
+def predict_command(run, dataset, out, overwrite, dtype, device, batch_size, settings) -> None:
     """Write anomaly maps (native size, submission layout) and scores.csv for the test split."""
     from baselines.runner import predict
 
     written = predict(run, dataset, out, dtype=dtype, batch_size=batch_size, device=device,
-                      config=_parse_set(settings))
+                      config=_parse_set(settings), overwrite=overwrite)
     click.echo(f"wrote {written}")
 
 
@@ -387,7 +389,8 @@ def demo_command(out, overwrite, device) -> None:
 @click.option("--predictions", required=True, type=click.Path(path_type=Path), help="Maps in the submission layout.")
 @click.option("--protocol", type=click.Choice(["mvtec", "3cad-paper"]), default="mvtec", show_default=True,
               help="mvtec: standard definitions; 3cad-paper: the official 3CAD code's (legacy).")
-@click.option("--categories", multiple=True, help="Only these categories (repeat, or comma-separated).")
+@click.option("--categories", multiple=True,
+              help="Only these categories: folders, 3CAD codes (ANI) or aliases (repeat, or comma-separated).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path), help="Also write the results as JSON.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or a torch device such as cuda.")
 @click.option("--size", default=None, help="Evaluate at a declared WxH instead of the native size (mvtec).")
@@ -399,9 +402,8 @@ def evaluate_cmd(dataset, predictions, protocol, categories, json_out, device, s
     from threecad.io import write_json
     from threecad.metrics import evaluate_predictions, format_table
 
-    names = [name for item in categories for name in item.split(",") if name] or None
-    result = evaluate_predictions(dataset, predictions, protocol=protocol, categories=names, device=device,
-                                  size=_parse_size(size) if size else None, curves=curves,
+    result = evaluate_predictions(dataset, predictions, protocol=protocol, categories=_names(categories),
+                                  device=device, size=_parse_size(size) if size else None, curves=curves,
                                   scores="auto" if image_scores == "auto" else None)
     if json_out is not None:
         write_json(json_out, result)
@@ -483,7 +485,7 @@ def leaderboard_table(store, metric, pair, protocol, fmt, source, out) -> None:
     from leaderboard.tables import render_table
     from threecad.io import write_text
 
-    with Store(store) as db:
+    with Store(store, readonly=True) as db:
         text = render_table(db, metric=metric, pair=pair, protocol=protocol, fmt=fmt, source=source)
     if out is not None:
         write_text(out, text)
@@ -535,18 +537,22 @@ def leaderboard_site(out, store) -> None:
 @click.option("--source", type=click.Choice(["evaluated", "reported", "all"]), default="all", show_default=True)
 def leaderboard_list(store, source) -> None:
     """Stored submissions: sha256, method, version, source, size, number of results, hardware."""
-    import json
+    from leaderboard.store import Store, format_submissions
 
-    from leaderboard.store import Store
+    with Store(store, readonly=True) as db:
+        click.echo(format_submissions(db.submissions(source)), nl=False)
 
-    with Store(store) as db:
-        for sub in db.submissions(source):
-            hardware = sub.get("hardware") or ""
-            if hardware.startswith("{"):
-                info = json.loads(hardware)
-                hardware = info.get("gpu") or f"{info.get('cpu', '?')} x{info.get('cpu_count', '?')}"
-            click.echo(f"{sub['sha256'][:12]}  {sub['source']:9s}  {sub['method']:12s} {sub['version'] or '-':14s} "
-                       f"{sub['eval_size'] or '-':14s} {sub['n_results']:4d} results  {sub['created_at']}  {hardware}")
+
+@leaderboard.command("check")
+@_store_option
+def leaderboard_check(store) -> None:
+    """Full integrity check of the store (PRAGMA integrity_check): prints OK or the problems; exit 1 on damage."""
+    from leaderboard.store import check_store
+
+    result = check_store(store)
+    click.echo(result.text())
+    if not result.ok:
+        sys.exit(1)
 
 
 @leaderboard.command("means")
@@ -566,7 +572,7 @@ def leaderboard_export(out, store, fmt, source) -> None:
     """Write the store's results as CSV (one number per row) or JSON (with submissions and curves)."""
     from leaderboard.store import Store
 
-    with Store(store) as db:
+    with Store(store, readonly=True) as db:
         n = db.export(out, fmt, source)
     click.echo(f"wrote {n} results to {out}")
 

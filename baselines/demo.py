@@ -9,13 +9,12 @@ demo starts from the already processed synthetic dataset (``3cad synth dataset``
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from threecad.errors import ThreecadError
-from threecad.io import write_json, write_text
+from threecad.io import check_output_dir, staged_dir, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -58,43 +57,47 @@ def run_demo(out: str | Path, overwrite: bool = False, device: str = "auto", see
     ``source``: ``"raw"`` (synthetic raw data + preprocessing), ``"synth"`` (processed synthetic
     dataset) or ``"auto"`` (raw when the preprocessing is available).
     """
+    out = Path(out)
+    if source not in ("auto", "raw", "synth"):
+        raise ThreecadError(f"unknown demo source {source!r}; expected auto, raw or synth")
+    check_output_dir(out, overwrite)
+    with staged_dir(out) as work:  # the previous demo folder stays until this one is complete
+        result = _run(work, out, device, seed, source)
+    return result
+
+
+def _run(work: Path, out: Path, device: str, seed: int, source: str) -> dict[str, Any]:
+    """The demo's steps in ``work`` (the staged folder that becomes ``out``)."""
     from baselines.runner import predict, train
     from threecad.metrics import evaluate_predictions, format_table
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ThreecadError("demo output folder is not empty; pass --overwrite to replace it", out)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    if source not in ("auto", "raw", "synth"):
-        raise ThreecadError(f"unknown demo source {source!r}; expected auto, raw or synth")
-    from_raw = _dataset_from_raw(out, seed) if source in ("auto", "raw") else None
+    from_raw = _dataset_from_raw(work, seed) if source in ("auto", "raw") else None
     if from_raw is None and source == "raw":
         raise ThreecadError("the raw-data preprocessing (threecad.preprocess) is not available")
     if from_raw is not None:
         used, (dataset, note) = "raw", from_raw
+        note = note.replace(str(work), str(out))  # report.csv: where it will be once the folder is in place
     else:
         log.info("demo: starting from the processed synthetic dataset")
-        used, dataset, note = "synth", _dataset_from_synth(out, seed), "processed synthetic dataset"
+        used, dataset, note = "synth", _dataset_from_synth(work, seed), "processed synthetic dataset"
     timings["data_s"] = time.perf_counter() - start
 
     t = time.perf_counter()
-    runs = train("patchcore", dataset, "all", out=out / "runs", device=device, size=DEMO_SIZE, seed=seed,
+    runs = train("patchcore", dataset, "all", out=work / "runs", device=device, size=DEMO_SIZE, seed=seed,
                  config=dict(DEMO_PATCHCORE))
     timings["train_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    predictions = predict(out / "runs", dataset, out / "predictions", device=device)
+    predictions = predict(work / "runs", dataset, work / "predictions", device=device)
     timings["predict_s"] = time.perf_counter() - t
     t = time.perf_counter()
     metrics = evaluate_predictions(dataset, predictions)
     timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - start
     table = format_table(metrics)
-    summary = (f"{table}\n\ndata: {note}\n{len(runs)} categories, dataset {dataset}; times: "
-               + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items()))
-    write_json(out / "metrics.json", {"metrics": metrics, "timings": timings, "source": used})
-    write_text(out / "metrics.txt", summary + "\n")
+    summary = (f"{table}\n\ndata: {note}\n{len(runs)} categories, dataset {out / dataset.relative_to(work)}; "
+               "times: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in timings.items()))
+    write_json(work / "metrics.json", {"metrics": metrics, "timings": timings, "source": used})
+    write_text(work / "metrics.txt", summary + "\n")
     return {"metrics": metrics, "table": summary, "timings": timings, "source": used}

@@ -20,7 +20,7 @@ import torch
 
 from baselines import features as _features
 from baselines.aggregation import combine_stages, top_fraction_mean, upsample_maps
-from baselines.base import Method, register
+from baselines.base import Method, Option, register
 from baselines.batching import iter_batches
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
@@ -61,6 +61,19 @@ class PaDiM(Method):
     """
 
     name = "padim"
+    #: The Gaussians depend on everything but the map smoothing, the image score and run-time settings.
+    OPTIONS = {
+        "backbone": Option(str),
+        "layers": Option(str, many=True),
+        "weights": Option(str, null=True),
+        "n_features": Option(int, low=1, null=True),
+        "eps": Option(float, low=0),
+        "sigma": Option(float, low=0, predict=True),
+        "topk": Option(float, low=0, high=1, predict=True),
+        "batch_size": Option(int, low=1),
+        "device": Option(str, predict=True),
+        "seed": Option(int, low=0),
+    }
 
     def __init__(
         self,
@@ -85,12 +98,6 @@ class PaDiM(Method):
         self.batch_size = int(batch_size)
         self.device = device
         self.seed = int(seed)
-        if not self.layers:
-            raise ThreecadError("PaDiM needs at least one backbone layer")
-        if not 0.0 <= self.topk <= 1.0:
-            raise ThreecadError(f"topk must be a fraction in [0, 1] (0 = maximum), got {topk}")
-        if self.eps < 0:
-            raise ThreecadError(f"eps must be >= 0, got {eps}")
         self.mean: torch.Tensor | None = None
         self.inv_cov: torch.Tensor | None = None
         self.channel_index: torch.Tensor | None = None

@@ -10,7 +10,6 @@ patch is as anomalous as its distance to the nearest bank entry. The pieces live
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Sequence
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from baselines import features as _features
 from baselines.aggregation import combine_stages, local_aggregate, top_fraction_mean, upsample_maps
-from baselines.base import Method, register
+from baselines.base import Method, Option, register
 from baselines.batching import iter_batches
 from baselines.coreset import chunked_greedy_coreset
 from baselines.knn import nearest_neighbors
@@ -163,6 +162,34 @@ class PatchCore(Method):
     """
 
     name = "patchcore"
+    #: Ranges as the parameters above describe them. Inference options (``predict=True``) act only
+    #: on a fitted bank: the map smoothing, the image score, the reweighting, ignoring the calibration
+    #: (``calibration_images=0``), and run-time settings. Everything else built the bank.
+    OPTIONS = {
+        "backbone": Option(str),
+        "layers": Option(str, many=True),
+        "weights": Option(str, null=True),
+        "neighbourhood": Option(int, low=1),
+        "balance_stages": Option(bool),
+        "feature_dim": Option(int, low=1, null=True),
+        "coreset_ratio": Option(float, low=0, high=1, open_low=True),
+        "max_bank": Option(int, low=1, null=True),
+        "max_patches": Option(int, low=1, null=True),
+        "coreset_chunk": Option(int, low=1, null=True),
+        "projection_dim": Option(int, low=1, null=True),
+        "num_neighbors": Option(int, low=1),
+        "reweight": Option(bool, predict=True),
+        "reweight_neighbors": Option(int, low=1, predict=True),
+        "topk": Option(float, low=0, high=1, predict=True),
+        "sigma": Option(float, low=0, predict=True),
+        "intensity_weight": Option(float, low=0),
+        "scales": Option(float, low=0, high=4, open_low=True, many=True, unique=True),
+        "calibration_images": Option(int, low=0, predict=True),
+        "batch_size": Option(int, low=1),
+        "device": Option(str, predict=True),
+        "seed": Option(int, low=0),
+        "block_mb": Option(int, low=1, predict=True),
+    }
 
     def __init__(
         self,
@@ -207,37 +234,21 @@ class PatchCore(Method):
         self.topk = float(topk)
         self.sigma = float(sigma)
         self.intensity_weight = float(intensity_weight)
-        self.scales = [float(f) for f in scales] if isinstance(scales, (list, tuple)) else scales
+        self.scales = [float(f) for f in scales]
         self.calibration_images = calibration_images
         self.batch_size = int(batch_size)
         self.device = device
         self.seed = int(seed)
         self.block_mb = int(block_mb)
-        if not 0.0 < self.coreset_ratio <= 1.0:
-            raise ThreecadError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
-        if not 0.0 <= self.topk <= 1.0:
-            raise ThreecadError(f"topk must be a fraction in [0, 1] (0 = maximum), got {topk}")
+        # Each option's own range is checked against OPTIONS before __init__ runs (Method.__new__);
+        # what is left here relates two options.
         if self.reweight and self.topk > 0:
             raise ThreecadError("reweight scales the single most anomalous patch; it does not combine with topk > 0")
-        if self.coreset_chunk is not None and (isinstance(self.coreset_chunk, bool)
-                                               or not isinstance(self.coreset_chunk, int) or self.coreset_chunk < 1):
-            raise ThreecadError(f"coreset_chunk must be a whole number of patches >= 1, or None (null) for one global pass, got {coreset_chunk!r}")
-        if isinstance(calibration_images, bool) or not isinstance(calibration_images, int) or calibration_images < 0:
-            raise ThreecadError(f"calibration_images must be a whole number of training images >= 0 (0: off), got {calibration_images!r}")
-        if not math.isfinite(self.intensity_weight) or self.intensity_weight < 0:
-            raise ThreecadError(f"intensity_weight must be a finite number >= 0 (0: off), got {intensity_weight!r}")
-        if (not isinstance(self.scales, list) or not self.scales or len(set(self.scales)) != len(self.scales)
-                or not all(math.isfinite(f) and 0 < f <= 4 for f in self.scales)):
-            raise ThreecadError(f"scales must be a list of distinct input scales in (0, 4], e.g. [1.0, 0.5], got {scales!r}")
         if len(self.scales) > 1 and not calibration_images:
             raise ThreecadError("several scales need calibration_images > 0: each scale's map is divided by the spread "
                                 "of its calibration scores before they are averaged")
         if len(self.scales) > 1 and self.reweight:
             raise ThreecadError("reweight scales one bank's most anomalous patch; it does not combine with several scales")
-        if self.num_neighbors < 1 or self.neighbourhood < 1:
-            raise ThreecadError("num_neighbors and neighbourhood must be >= 1")
-        if not self.layers:
-            raise ThreecadError("PatchCore needs at least one backbone layer")
         self.memory_bank: torch.Tensor | None = None
         self.position_baseline: torch.Tensor | None = None
         self.border_baseline: torch.Tensor | None = None

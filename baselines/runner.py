@@ -7,7 +7,15 @@ same category, and writes ``<out>/<Category>/test/<defect>/<stem>.tiff`` at each
 plus ``<out>/scores.csv``, which is exactly what ``3cad evaluate`` reads.
 
 The test split is never opened while training; validation images (``validation/good``) are passed
-to methods that use them.
+to methods that use them. ``predict`` reads test images only, never their ground-truth masks.
+
+Output folders: both refuse a non-empty ``out`` without ``overwrite`` (a PaDiM run silently replaced
+by PatchCore, or PatchCore maps landing in a folder of PaDiM maps, is a wrong result nobody sees),
+and both build ``out`` in a hidden sibling that replaces it only when everything succeeded
+(:func:`threecad.io.staged_dir`): a failing run leaves the previous content as it was. A method's
+own training artefacts (CFRG's per-epoch checkpoints) live in ``.<out>.checkpoints/<Category>``
+next to ``out`` while training, so an interrupted run can ``--resume`` from them; they move into the
+run folders when the whole run has succeeded.
 """
 
 from __future__ import annotations
@@ -15,9 +23,12 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import random
+import shutil
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +39,11 @@ import torch.nn.functional as F
 from baselines.base import CONFIG_FILE, Method, build, get_method, load_method
 from baselines.batching import iter_batches
 from threecad import __version__
+from threecad.catalog import resolve_categories
 from threecad.data import AnomalyDataset, check_exposure
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError, located
-from threecad.io import image_size, write_json
+from threecad.io import check_output_dir, image_size, staged_dir, write_json
 from threecad.layout import list_categories, list_samples
 from threecad.maps import SCORES_FILE, map_relpath, write_map, write_scores
 
@@ -47,18 +59,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_categories(dataset: str | Path, categories: Sequence[str] | str | None) -> list[str]:
-    """``None``, ``"all"`` or ``["all"]`` means every category of the dataset; names are checked."""
-    present = list_categories(dataset)
-    if categories is None or categories == "all" or list(categories) == ["all"]:
-        return present
-    if isinstance(categories, str):
-        categories = [categories]
-    unknown = [c for c in categories if c not in present]
-    if unknown:
-        raise ThreecadError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
-                            f"present: {', '.join(present)}", dataset)
-    return list(dict.fromkeys(categories))
+def _refuse_inputs_inside(out: Path, inputs: dict[str, Path]) -> None:
+    """``--overwrite`` replaces ``out`` wholesale: refuse an ``out`` that holds an input of the job."""
+    target = out.resolve()
+    for what, path in inputs.items():
+        if path.resolve().is_relative_to(target):
+            raise ThreecadError(f"the output folder holds the {what} ({path}); choose another --out", out)
+
+
+def _is_main_process() -> bool:
+    """False on the other ranks of a ``torchrun`` job: every rank fits, only rank 0 writes."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _checkpoint_dir(out: Path) -> Path:
+    """Where methods keep training artefacts while ``out`` is staged: beside it, so they survive a
+    failure (for ``--resume``) without touching ``out`` itself."""
+    return out.parent / f".{out.name}.checkpoints"
+
+
+def _move_work_files(work: Path, run_dir: Path) -> None:
+    """A category's training artefacts (checkpoints, logs) into its finished run folder."""
+    if work.is_dir():
+        for item in sorted(work.iterdir()):
+            if not (run_dir / item.name).exists():
+                os.replace(item, run_dir / item.name)
 
 
 def _method_config(method: str, config: dict[str, Any] | None, device: str, seed: int | None) -> dict[str, Any]:
@@ -96,26 +121,57 @@ def train(
     config: dict[str, Any] | None = None,
     validation: bool | str = "auto",
     exposure: str = "raw",
+    overwrite: bool = False,
 ) -> list[Path]:
     """Fit ``method`` on the ``train/good`` images of each category; returns the run folders.
 
-    ``out`` defaults to ``runs/<method>``. ``validation``: ``"auto"`` passes ``validation/good`` to
-    the method when the dataset has it, ``True`` requires it, ``False`` never passes it.
-    ``exposure``: ``"mean"`` normalises each image's mean intensity (:func:`threecad.data.normalize_exposure`);
-    it is recorded in ``run.json`` and applied again by :func:`predict`.
+    ``out`` defaults to ``runs/<method>``; a non-empty ``out`` is refused unless ``overwrite``, and
+    it is replaced only once every category is fitted (see the module docstring). ``categories``:
+    folder names, 3CAD codes or aliases, or ``"all"`` (:func:`threecad.catalog.resolve_categories`).
+    ``validation``: ``"auto"`` passes ``validation/good`` to the method when the dataset has it,
+    ``True`` requires it, ``False`` never passes it. ``exposure``: ``"mean"`` normalises each
+    image's mean intensity (:func:`threecad.data.normalize_exposure`); it is recorded in
+    ``run.json`` and applied again by :func:`predict`.
     """
     dataset = Path(dataset)
     check_exposure(exposure)
-    cats = resolve_categories(dataset, categories)
+    cats = resolve_categories(list_categories(dataset), categories, dataset)
     out = Path(out) if out is not None else Path("runs") / method
+    check_output_dir(out, overwrite)
+    _refuse_inputs_inside(out, {"dataset": dataset})
     resolve_device(device)  # a missing GPU is reported before any work
     options = _method_config(method, config, device, seed)
     seed = _effective_seed(method, options, seed)
-    build(method, **options)  # unknown options fail here, before any category is trained
-    runs = []
+    build(method, **options)  # unknown or out-of-range options fail here, before any category is trained
+    checkpoints = _checkpoint_dir(out)
+    if not _is_main_process():  # torchrun: this rank takes part in every fit; rank 0 writes
+        _train_categories(method, dataset, cats, options, seed, None, checkpoints, size, resize, validation,
+                          exposure, device)
+        return [out / category for category in cats]
+    if not options.get("resume"):
+        shutil.rmtree(checkpoints, ignore_errors=True)  # a fresh run never inherits another run's artefacts
+    try:
+        with staged_dir(out) as stage:
+            _train_categories(method, dataset, cats, options, seed, stage, checkpoints, size, resize, validation,
+                              exposure, device)
+            for category in cats:
+                _move_work_files(checkpoints / category, stage / category)
+    except BaseException:
+        if any(p.is_file() for p in checkpoints.rglob("*")):
+            log.warning("training artefacts kept in %s: rerun with --resume to continue", checkpoints)
+        else:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        raise
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return [out / category for category in cats]
+
+
+def _train_categories(method: str, dataset: Path, cats: list[str], options: dict[str, Any], seed: int,
+                      stage: Path | None, checkpoints: Path, size: int, resize: str, validation: bool | str,
+                      exposure: str, device: str) -> None:
+    """Fit and save each category into ``stage/<Category>`` (``None``: fit only, another rank writes)."""
     for category in cats:
         seed_everything(seed)
-        run_dir = out / category
         start = time.perf_counter()
         train_set = AnomalyDataset(dataset, category, "train", size=size, resize=resize, exposure=exposure)
         val_set = None
@@ -125,19 +181,14 @@ def train(
         if validation and has_val:
             val_set = AnomalyDataset(dataset, category, "validation", size=size, resize=resize, exposure=exposure)
         model = build(method, **options)
-        new_dirs = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
-        run_dir.mkdir(parents=True, exist_ok=True)
-        model.work_dir = run_dir
+        model.work_dir = checkpoints / category
         log.info("training %s on %s (%d images, %s %d)", method, category, len(train_set), resize, size)
         fit_start = time.perf_counter()
-        try:
-            model.fit(train_set, val_set)
-        except BaseException:
-            for folder in new_dirs:  # a failed fit leaves no empty folders; checkpoints stay for --resume
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
-            raise
+        model.fit(train_set, val_set)
         fit_s = time.perf_counter() - fit_start
+        if stage is None:
+            continue
+        run_dir = stage / category
         model.save(run_dir)
         write_json(run_dir / RUN_FILE, {
             "method": method,
@@ -153,9 +204,7 @@ def train(
             "timings": {"fit_s": round(fit_s, 3), "total_s": round(time.perf_counter() - start, 3)},
             "threecad": __version__,
         })
-        log.info("%s: fitted in %.1f s -> %s", category, fit_s, run_dir)
-        runs.append(run_dir)
-    return runs
+        log.info("%s: fitted in %.1f s", category, fit_s)
 
 
 def find_runs(run: str | Path) -> list[Path]:
@@ -197,55 +246,67 @@ def predict(
     batch_size: int = 16,
     device: str | None = None,
     config: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Score the test split of each run's category; writes maps and ``scores.csv`` under ``out``.
 
-    ``config`` overrides options of the saved method that act at inference (``topk``, ``sigma``,
-    CFRG's ``map_terms``), so a scoring choice can change without training again; an option the
-    method lacks is an error naming the valid ones.
+    ``config`` overrides inference options of the saved method (``topk``, ``sigma``, CFRG's
+    ``map_terms``: those its ``OPTIONS`` mark ``predict``), so a scoring choice can change without
+    training again; an option the method lacks, a value out of range or a fit-time option
+    (``coreset_ratio``, ``backbone``) is an error naming the run, before any map is written.
 
     Images are fed at the run's size, resize mode and exposure mode; maps are resized back to each
-    image's native size. ``scores.csv`` (category, path below the category, score) covers every
-    category predicted so far in ``out``: rows of other categories already there are kept.
+    image's native size. Only images are read: a defective test image whose ground-truth mask is
+    missing still gets its map (``evaluate`` is where masks are needed). ``out`` holds exactly this
+    prediction: a non-empty ``out`` is refused unless ``overwrite``, and it is replaced only once
+    every map and ``scores.csv`` (category, path below the category, score) are written.
     """
     if dtype not in ("float16", "float32"):
         raise ThreecadError(f"--dtype must be float16 or float32, not {dtype}")
     dataset, out = Path(dataset), Path(out)
     runs = find_runs(run)
-    present = set(list_categories(dataset))
+    check_output_dir(out, overwrite)
+    _refuse_inputs_inside(out, {"dataset": dataset, **{f"run {r}": r for r in runs}})
+    available = list_categories(dataset)
     if device is not None:
         resolve_device(device)
     rows: dict[tuple[str, str], float] = {}
 
-    def loaded(run_dir: Path) -> tuple[dict, Method]:
+    def loaded(run_dir: Path) -> tuple[dict, str, Method]:
         info = read_run(run_dir)
-        if info["category"] not in present:
-            raise ThreecadError(f"run {run_dir} is for category {info['category']!r}, which the dataset lacks", dataset)
+        try:  # the run names its category: resolved like any other name (codes, aliases)
+            category = resolve_categories(available, [info["category"]], dataset)[0]
+        except ThreecadError as exc:
+            raise ThreecadError(f"the run's category is not in the dataset: {exc}", run_dir) from None
         overrides = dict(config or {})
         if device is not None and "device" in json.loads((run_dir / CONFIG_FILE).read_text())["config"]:
             overrides["device"] = device
-        return info, load_method(run_dir, **overrides)
+        return info, category, load_method(run_dir, **overrides)
 
     # A broken run is reported before any map is written. The models are not kept: every category's
     # CFRG network at once would not fit in memory, so each is loaded again when its turn comes.
     for run_dir in runs[1:]:
         loaded(run_dir)
-    for run_dir in runs:
-        info, method = loaded(run_dir)
-        category = info["category"]
-        test_set = AnomalyDataset(dataset, category, "test", size=info["size"], resize=info["resize"],
-                                  exposure=info.get("exposure", "raw"))
-        by_path = {str(s.image_path): s for s in test_set.samples}
-        start = time.perf_counter()
-        for images, items in iter_batches(test_set, batch_size, desc=f"predict {category}"):
-            with located(run_dir):  # e.g. an override the fitted method does not match: name the run
-                scores, maps = method.predict(images)
-            samples = [by_path[item["path"]] for item in items]
-            native = native_size_maps(maps, [image_size(s.image_path) for s in samples])
-            for sample, score, amap in zip(samples, scores, native):
-                write_map(out / map_relpath(category, sample.defect, sample.stem), amap, dtype=dtype)
-                rows[(category, sample.relpath)] = float(score)
-        log.info("%s: %d test images in %.1f s -> %s", category, len(test_set), time.perf_counter() - start,
-                 out / category)
-    write_scores(out / SCORES_FILE, rows)
+    with staged_dir(out) as stage:
+        for run_dir in runs:
+            info, category, method = loaded(run_dir)
+            samples = list_samples(dataset, category, "test")
+            # Images only: masks are the evaluator's business, so the loader is handed the samples
+            # without them (label 0 tells it not to look for one); maps are named from the real ones.
+            test_set = AnomalyDataset(dataset, category, "test", size=info["size"], resize=info["resize"],
+                                      exposure=info.get("exposure", "raw"),
+                                      samples=[replace(s, mask_path=None, label=0) for s in samples])
+            by_path = {str(s.image_path): s for s in samples}
+            start = time.perf_counter()
+            for images, items in iter_batches(test_set, batch_size, desc=f"predict {category}"):
+                with located(run_dir):  # e.g. an override the fitted method does not match: name the run
+                    scores, maps = method.predict(images)
+                chosen = [by_path[item["path"]] for item in items]
+                native = native_size_maps(maps, [image_size(s.image_path) for s in chosen])
+                for sample, score, amap in zip(chosen, scores, native):
+                    write_map(stage / map_relpath(category, sample.defect, sample.stem), amap, dtype=dtype)
+                    rows[(category, sample.relpath)] = float(score)
+            log.info("%s: %d test images in %.1f s -> %s", category, len(test_set), time.perf_counter() - start,
+                     out / category)
+        write_scores(stage / SCORES_FILE, rows, merge=False)
     return out

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines.base import Method, register
-from cfrg.infer import OFFICIAL_TERMS, anomaly_maps
+from baselines.base import Method, Option, register
+from cfrg.infer import OFFICIAL_TERMS, TERMS, anomaly_maps
 from cfrg.model import PAPER_TEACHER, CFRGNet, build_teacher
 from cfrg.train import TrainConfig, train
 from threecad.anomalies import SyntheticAnomalyDataset, TextureBank
@@ -39,6 +39,31 @@ class CFRG(Method):
     """
 
     name = "cfrg"
+    #: Inference options: the map terms, their smoothing and the image score (and the device).
+    #: Everything else shaped the trained network, or only matters while training.
+    OPTIONS = {
+        "epochs": Option(int, low=1),
+        "batch_size": Option(int, low=1),
+        "size": Option(int, low=0, multiple=32, null=True),
+        "device": Option(str, predict=True),
+        "seed": Option(int, low=0),
+        "teacher": Option(str),
+        "teacher_weights": Option(str, null=True),
+        "lr": Option(float, low=0, open_low=True),
+        "weight_decay": Option(float, low=0),
+        "dis_weight": Option(float, low=0),
+        "rec_weight": Option(float, low=0),
+        "seg_weight": Option(float, low=0),
+        "resume": Option(bool),
+        "clean_probability": Option(float, low=0, high=1),
+        "textures": Option(str, null=True),
+        "amp": Option(bool),
+        "workers": Option(int, low=0),
+        "map_terms": Option(str, choices=TERMS, sep="+", predict=True),
+        "sigma": Option(float, low=0, predict=True),
+        "topk": Option(float, low=0, high=1, predict=True),
+        "train_images": Option(int, low=0),
+    }
 
     def __init__(
         self,
@@ -85,12 +110,13 @@ class CFRG(Method):
         self.sigma = float(sigma)
         self.topk = float(topk)
         self.train_images = int(train_images)
-        if self.epochs < 1 or self.batch_size < 1 or (self.size is not None and self.size % 32):
-            raise ThreecadError("cfrg needs epochs >= 1, batch_size >= 1 and size a multiple of 32 "
-                                f"(got {self.epochs}, {self.batch_size}, {self.size})")
-        self._terms = tuple(t.strip() for t in self.map_terms.split("+") if t.strip())
+        self._terms = tuple(t.strip() for t in self.map_terms.split("+"))
         self.net: CFRGNet | None = None
         self.history_: list[dict] = []
+        #: What fit settled, never written back into the options (see resolved_config): the teacher
+        #: actually built (after a fallback) and the side trained at when ``size`` is None.
+        self._teacher_used: str | None = None
+        self._fitted_size: int | None = None
 
     # ------------------------------------------------------------------ model
     def _build(self) -> CFRGNet:
@@ -98,8 +124,7 @@ class CFRG(Method):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 teacher = build_teacher(self.teacher, self.teacher_weights)
-                if teacher.name != self.teacher:
-                    self.teacher = teacher.name  # the saved config names the teacher actually used
+                self._teacher_used = teacher.name  # saved in the config (resolved_config)
                 self.net = CFRGNet(teacher)
             self.net.to(resolve_device(self.device))
         return self.net
@@ -126,7 +151,7 @@ class CFRG(Method):
             if height != width or height % 32:
                 raise ThreecadError(f"cfrg trains on square images with a side divisible by 32, got {width}x{height}; "
                                     "use --resize squash and --size 256 (or 128, 320 ...)")
-            self.size = int(height)
+            self._fitted_size = int(height)
         base = self._subset(train_data)
         bank = TextureBank(self.textures, images=base)
         data = SyntheticAnomalyDataset(base, bank, self.clean_probability, seed=self.seed)
@@ -150,17 +175,26 @@ class CFRG(Method):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ThreecadError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
         height, width = images.shape[-2:]
-        if self.size is None:
-            self.size = int(height)
+        side = self.size or self._fitted_size or int(height)
         inputs = images
-        if (height, width) != (self.size, self.size):
-            inputs = F.interpolate(images.float(), size=(self.size, self.size), mode="bilinear", align_corners=False)
+        if (height, width) != (side, side):
+            inputs = F.interpolate(images.float(), size=(side, side), mode="bilinear", align_corners=False)
         outputs = self.predict_outputs(inputs)
-        scores, maps = anomaly_maps(outputs, (self.size, self.size), self._terms, self.sigma, self.topk)
-        if (height, width) != (self.size, self.size):
+        scores, maps = anomaly_maps(outputs, (side, side), self._terms, self.sigma, self.topk)
+        if (height, width) != (side, side):
             maps = F.interpolate(torch.from_numpy(maps)[:, None], size=(height, width), mode="bilinear",
                                  align_corners=False)[:, 0].numpy()
         return scores.astype(np.float32), maps.astype(np.float32)
+
+    def resolved_config(self) -> dict[str, Any]:
+        """The teacher actually built (a missing WideResNet file falls back to Lite0) and the side
+        trained at, so that loading the saved run builds the network these weights belong to."""
+        resolved: dict[str, Any] = {}
+        if self._teacher_used is not None:
+            resolved["teacher"] = self._teacher_used
+        if self.size is None and self._fitted_size is not None:
+            resolved["size"] = self._fitted_size
+        return resolved
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.net is None:

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -29,10 +30,13 @@ from typing import Any
 import torch
 
 from leaderboard.reported import family_of
-from leaderboard.store import Store
+from leaderboard.store import STANDARDIZED_RUNNER, Store
 from leaderboard.submit import PROTOCOLS, curve_rows, dataset_fingerprint, evaluate_tree, result_rows
+from threecad.catalog import resolve_categories
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
+from threecad.layout import list_categories
+from threecad.maps import SCORES_FILE, read_scores, write_scores
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +201,24 @@ def _mean_rows(store: Store, sha: str) -> list[dict[str, Any]]:
     return [{"category": "mean", "protocol": p, "metric": m, "value": mean_of(v)} for (p, m), v in by_key.items()]
 
 
+def _keep_category(scratch: Path, out: Path, category: str) -> Path:
+    """Move one category's run and maps from ``scratch`` into ``out/runs`` and ``out/maps``.
+
+    ``runner.train``/``predict`` each own a whole output folder (they refuse or replace it), while a
+    standardized run fills ``out`` one category at a time: the category is produced in a scratch
+    folder and moved in, so ``out/maps`` ends as one submission covering every category run.
+    """
+    for kind in ("runs", "maps"):
+        target = out / kind / category
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)  # this run's own earlier output for the category
+        os.replace(scratch / kind / category, target)
+    write_scores(out / "maps" / SCORES_FILE, read_scores(scratch / "maps" / SCORES_FILE), merge=True)
+    shutil.rmtree(scratch)
+    return out / "runs" / category
+
+
 def standardized_run(
     method: str,
     dataset: str | Path,
@@ -224,7 +246,7 @@ def standardized_run(
     from threecad.data import AnomalyDataset
 
     dataset = Path(dataset)
-    cats = runner.resolve_categories(dataset, categories)
+    cats = resolve_categories(list_categories(dataset), categories, dataset)
     get_method(method)  # unknown method: clear error before any work
     torch_device = resolve_device(device)
     hardware = hardware_info(torch_device)
@@ -241,7 +263,7 @@ def standardized_run(
     record = {
         "sha256": sha, "method": method, "version": "standardized", "family": family_of(method),
         "source": "evaluated", "dataset_fingerprint": fingerprint, "eval_size": f"{size}x{size} {resize}",
-        "hardware": hardware, "meta": {**settings, "runner": "leaderboard.runs.standardized_run"},
+        "hardware": hardware, "meta": {**settings, "runner": STANDARDIZED_RUNNER},
     }
     summary = RunSummary(sha, method)
     try:
@@ -251,10 +273,12 @@ def standardized_run(
                 log.info("%s: already stored for run %s; skipped", category, sha[:12])
                 summary.skipped.append(category)
                 continue
-            run_dirs = runner.train(method, dataset, [category], out=out / "runs", device=str(torch_device),
-                                    size=size, resize=resize, seed=seed, config=config, exposure=exposure)
-            run_dir = run_dirs[0]
-            runner.predict(run_dir, dataset, out / "maps", dtype=dtype, device=str(torch_device))
+            scratch = out / ".category"  # this category's run and maps, then kept beside the others
+            runner.train(method, dataset, [category], out=scratch / "runs", device=str(torch_device),
+                         size=size, resize=resize, seed=seed, config=config, exposure=exposure, overwrite=True)
+            runner.predict(scratch / "runs" / category, dataset, scratch / "maps", dtype=dtype,
+                           device=str(torch_device), overwrite=True)
+            run_dir = _keep_category(scratch, out, category)
             results = {p: evaluate_tree(out / "maps", dataset, p, [category], device=eval_device)
                        for p in PROTOCOLS}
             model = load_method(run_dir, **({"device": str(torch_device)}

@@ -106,6 +106,16 @@ def test_standardized_patchcore_run_lands_in_store_and_table(synth_root, tmp_pat
     with Store(store) as db:
         assert db.counts() == counts
 
+    # A second category joins the first: runs/ and maps/ keep both, and maps/ is one submission.
+    monkeypatch.undo()
+    monkeypatch.setattr(runs, "dataset_fingerprint", lambda dataset: "sha256:synthetic")
+    both = list_categories(synth_root)
+    more = runs.standardized_run("patchcore", synth_root, **{**settings, "categories": both})
+    assert more.skipped == [category] and more.done == [both[1]]
+    assert all((tmp_path / "work" / "runs" / c / "run.json").is_file() for c in both)
+    report = validate_submission(tmp_path / "work" / "maps", synth_root, categories=both)
+    assert report.ok and report.has_scores, report.text()
+
 
 def test_unknown_method_fails_before_work(synth_root, tmp_path):
     from threecad.errors import ThreecadError

@@ -7,6 +7,7 @@ synthetic dataset.
 
 from __future__ import annotations
 
+import re
 from unittest.mock import patch
 
 import numpy as np
@@ -93,8 +94,122 @@ def test_none_is_accepted_only_where_the_option_allows_it():
     # max_patches: int | None (None = every patch a coreset candidate); sigma: float only.
     assert build("patchcore", max_patches=None).max_patches is None
     assert build("patchcore", coreset_chunk=1000).coreset_chunk == 1000
-    with pytest.raises(ThreecadError, match="option sigma takes a number, got None"):
+    with pytest.raises(ThreecadError, match="option sigma takes a number >= 0, got None"):
         build("patchcore", sigma=None)
+
+
+@pytest.mark.parametrize("name", ["patchcore", "padim", "cfrg"])
+def test_every_option_is_declared_once_and_its_default_is_allowed(name):
+    from baselines.base import get_method
+
+    cls = get_method(name)
+    assert set(cls.OPTIONS) == set(cls.config_keys())  # nothing inferred: every option declared
+    build(name)  # the defaults pass their own declarations
+    assert any(o.predict for o in cls.OPTIONS.values()) and not all(o.predict for o in cls.OPTIONS.values())
+
+
+@pytest.mark.parametrize("name, key, value, allowed", [
+    ("patchcore", "topk", 1.5, "a number in [0, 1]"),
+    ("patchcore", "feature_dim", 0, "a whole number >= 1 or null"),
+    ("patchcore", "sigma", -1, "a number >= 0"),
+    ("patchcore", "coreset_ratio", 0, "a number in (0, 1]"),
+    ("patchcore", "max_patches", 2.5, "a whole number >= 1 or null"),
+    ("patchcore", "layers", [], "a non-empty list of texts"),
+    ("padim", "sigma", -1, "a number >= 0"),
+    ("padim", "n_features", 0, "a whole number >= 1 or null"),
+    ("padim", "eps", float("nan"), "a number >= 0"),
+    ("cfrg", "size", 48, "a whole number >= 0, a multiple of 32 or null"),
+    ("cfrg", "lr", 0, "a number > 0"),
+    ("cfrg", "clean_probability", 1.2, "a number in [0, 1]"),
+    ("cfrg", "map_terms", "recovery+colour", "a +-joined choice of recovery, segmentation, distillation"),
+    ("cfrg", "epochs", True, "a whole number >= 1"),
+])
+def test_out_of_range_options_fail_at_build_with_option_value_and_range(name, key, value, allowed):
+    with pytest.raises(ThreecadError) as info:
+        build(name, **{key: value})
+    assert str(info.value) == f"method {name!r} option {key} takes {allowed}, got {value!r}"
+
+
+def _saved_run(tmp_path, name, **config):
+    """A fitted run folder of ``name`` on tiny images (CFRG: a random teacher, not trained)."""
+    method = build(name, device="cpu", **config)
+    if name == "cfrg":
+        method._build()
+    else:
+        method.fit(ImageList(_images(4, 64, 64)))
+    return method.save(tmp_path / name)
+
+
+@pytest.mark.parametrize("name, key, value", [
+    ("patchcore", "coreset_ratio", 0.5),
+    ("patchcore", "backbone", "resnet18"),
+    ("patchcore", "num_neighbors", 3),
+    ("padim", "n_features", 4),
+    ("padim", "layers", ["stride8"]),
+    ("cfrg", "epochs", 3),
+    ("cfrg", "teacher", "wide_resnet50_2"),
+])
+def test_a_fit_time_option_cannot_change_at_predict(fake_backbone, tmp_path, name, key, value):
+    config = {"teacher": "efficientnet_lite0", "teacher_weights": "random", "size": 64} if name == "cfrg" else {}
+    run = _saved_run(tmp_path, name, **config)
+    with pytest.raises(ThreecadError) as info:
+        load_method(run, **{key: value})
+    message = str(info.value)
+    assert message.startswith(f"{run}: {key} is fixed when the method is fitted") and "retrain to change it" in message
+    saved = load_method(run).get_config()[key]
+    assert load_method(run, **{key: saved}).get_config()[key] == saved  # the fitted value itself is fine
+
+
+@pytest.mark.parametrize("name, key, value", [
+    ("patchcore", "sigma", -1),
+    ("padim", "topk", 2),
+    ("cfrg", "map_terms", "segmentation+noise"),
+])
+def test_an_inference_override_out_of_range_names_the_run(fake_backbone, tmp_path, name, key, value):
+    config = {"teacher": "efficientnet_lite0", "teacher_weights": "random", "size": 64} if name == "cfrg" else {}
+    run = _saved_run(tmp_path, name, **config)
+    pattern = rf"^{re.escape(str(run))}: method '{name}' option {key} takes .*, got {re.escape(repr(value))}$"
+    with pytest.raises(ThreecadError, match=pattern):
+        load_method(run, **{key: value})
+
+
+@pytest.mark.parametrize("name, key, value", [
+    ("patchcore", "sigma", 0.0),
+    ("padim", "sigma", 0.0),
+    ("cfrg", "map_terms", "segmentation"),
+])
+def test_a_valid_inference_override_changes_the_maps_and_not_the_run(fake_backbone, tmp_path, name, key, value):
+    config = {"teacher": "efficientnet_lite0", "teacher_weights": "random", "size": 64} if name == "cfrg" else {}
+    run = _saved_run(tmp_path, name, **config)
+    before = (run / "config.json").read_bytes()
+    images = torch.stack(_images(2, 64, 64, seed=5))
+    _, plain = load_method(run).predict(images)
+    changed = load_method(run, **{key: value})
+    assert getattr(changed, key) == value
+    _, other = changed.predict(images)
+    assert other.shape == plain.shape and not np.allclose(other, plain)
+    assert (run / "config.json").read_bytes() == before
+
+
+def test_methods_never_rewrite_their_options(fake_backbone, tmp_path, monkeypatch):
+    for name in ("patchcore", "padim"):
+        method = build(name, device="cpu")
+        before = method.get_config()
+        method.fit(ImageList(_images(3, 48, 48)))
+        method.predict(torch.stack(_images(1, 48, 48)))
+        assert method.get_config() == before
+    # CFRG falls back to the offline Lite0 teacher without the WideResNet file: its option still says
+    # what was asked, the saved run says what was built, and reloads it.
+    monkeypatch.setenv("THREECAD_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no_hub"))
+    cfrg = build("cfrg", device="cpu", teacher="wide_resnet50_2")
+    cfrg._build()
+    assert cfrg.teacher == "wide_resnet50_2" and cfrg.get_config()["teacher"] == "wide_resnet50_2"
+    assert cfrg.resolved_config() == {"teacher": "efficientnet_lite0"}
+    run = cfrg.save(tmp_path / "cfrg")
+    assert load_method(run).teacher == "efficientnet_lite0"
+    _, maps = cfrg.predict(torch.rand(1, 3, 64, 64))  # size None: the input's side, not stored as an option
+    assert maps.shape == (1, 64, 64) and cfrg.size is None
 
 
 def test_unfitted_predict_is_a_clear_error(fake_backbone):
@@ -409,9 +524,13 @@ def test_patchcore_intensity_feature_is_the_local_mean_grey_level(fake_backbone,
     assert loaded.intensity_weight == 50.0
     np.testing.assert_array_equal(loaded.predict(images)[1], model.predict(images)[1])
     for other in (0.0, 100.0):  # a bank of another scale, even of the same dimension, is refused
+        with pytest.raises(ThreecadError, match="intensity_weight is fixed when the method is fitted"):
+            load_method(tmp_path / "run", intensity_weight=other)
+        mismatched = PatchCore(device="cpu", sigma=0.0, intensity_weight=other)  # the bank's own check
+        mismatched.load_state_dict(model.state_dict())
         with pytest.raises(ThreecadError, match="fitted with intensity_weight=50, not"):
-            load_method(tmp_path / "run", intensity_weight=other).predict(images)
-    with pytest.raises(ThreecadError, match="intensity_weight must be"):
+            mismatched.predict(images)
+    with pytest.raises(ThreecadError, match="option intensity_weight takes a number >= 0, got -1.0"):
         PatchCore(intensity_weight=-1.0)
 
 
@@ -443,18 +562,25 @@ def test_patchcore_scales_average_each_scales_map_over_its_calibration_spread(fa
     np.testing.assert_allclose(scores, top_fraction_mean(torch.from_numpy(maps), 0.05).numpy(), rtol=1e-5)
     model.save(tmp_path / "run")
     np.testing.assert_array_equal(load_method(tmp_path / "run").predict(test)[1], maps)
+    for other in ([1.0], [1.0, 0.25]):  # the scales built the banks: fixed once fitted
+        with pytest.raises(ThreecadError, match="scales is fixed when the method is fitted"):
+            load_method(tmp_path / "run", scales=other)
+    # Below the run folder, the weights still say which scales they hold.
     with pytest.raises(ThreecadError, match="hold 2 scale"):
-        load_method(tmp_path / "run", scales=[1.0])
+        PatchCore(**config).load_state_dict(model.state_dict())
     with pytest.raises(ThreecadError, match="fitted with input_scale=0.5, not 0.25"):  # same count, other scale
-        load_method(tmp_path / "run", scales=[1.0, 0.25]).predict(test)
+        other = PatchCore(scales=[1.0, 0.25], **config)
+        other.load_state_dict(model.state_dict())
+        other.predict(test)
     single = PatchCore(device="cpu").fit(ImageList(images))
-    single.save(tmp_path / "single")
     with pytest.raises(ThreecadError, match="fitted with input_scale=1, not 0.5"):
-        load_method(tmp_path / "single", scales=[0.5]).predict(test)
+        other = PatchCore(device="cpu", scales=[0.5])
+        other.load_state_dict(single.state_dict())
+        other.predict(test)
     with pytest.raises(ThreecadError, match="need calibration_images"):
         PatchCore(scales=[1.0, 0.5])
     for bad in ([], [1.0, 1.0], [0.0], [-0.5], 0.5, [float("nan")]):
-        with pytest.raises(ThreecadError, match="scales must be"):
+        with pytest.raises(ThreecadError, match=r"option scales takes a non-empty list of distinct numbers, each in \(0, 4\]"):
             PatchCore(scales=bad, calibration_images=2)
 
 

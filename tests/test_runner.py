@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,7 +71,7 @@ def test_predictions_pass_the_evaluator(cli_run, synth_root):
         assert out.exit_code == 0, out.output
 
 
-def test_python_api_padim_and_merged_scores(synth_root, tmp_path, monkeypatch):
+def test_python_api_padim_predicts_a_folder_of_runs(synth_root, tmp_path, monkeypatch):
     opened = []
     original = runner.AnomalyDataset
 
@@ -82,12 +83,136 @@ def test_python_api_padim_and_merged_scores(synth_root, tmp_path, monkeypatch):
     runs = runner.train("padim", synth_root, "all", out=tmp_path / "runs", device="cpu", size=64)
     assert "test" not in opened  # training never opens the test split
     assert [r.name for r in runs] == ["Aluminum_Camera_Cover", "Aluminum_Ipad"]
-    runner.predict(runs[0], synth_root, tmp_path / "pred")
-    runner.predict(runs[1], synth_root, tmp_path / "pred")  # a second call adds its rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no staging or checkpoint folder left
+    runner.predict(tmp_path / "runs", synth_root, tmp_path / "pred")
     with open(tmp_path / "pred" / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
     expected = sum(len(list_samples(synth_root, r.name, "test")) for r in runs)
     assert len(rows) == expected and {r["category"] for r in rows} == {r.name for r in runs}
+
+
+def _snapshot(folder):
+    """Every file below ``folder`` with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _error_lines(result):
+    return [line for line in result.output.splitlines() if line.startswith("error")]
+
+
+def test_train_refuses_a_non_empty_out_and_a_failed_overwrite_keeps_the_first_run(synth_root, tmp_path):
+    out = tmp_path / "runs_pc"
+    base = ["train", "--dataset", str(synth_root), "--category", CATEGORY, "--out", str(out), "--device", "cpu",
+            "--size", "64"]
+    first = CliRunner().invoke(cli, base + ["--method", "padim"])
+    assert first.exit_code == 0, first.output
+    kept = _snapshot(out)
+    # The user meant a new PatchCore run but named the PaDiM folder: refused, nothing touched.
+    second = CliRunner().invoke(cli, base + ["--method", "patchcore", "--set", "coreset_ratio=0.2"])
+    errors = _error_lines(second)
+    assert second.exit_code == 1 and len(errors) == 1, second.output
+    assert str(out) in errors[0] and "--overwrite" in errors[0]
+    assert _snapshot(out) == kept
+    # --overwrite with a run that fails (PaDiM needs one input size; --resize aspect gives several)
+    # leaves the previous run byte for byte, and no half-written folder beside it.
+    failed = CliRunner().invoke(cli, base + ["--method", "padim", "--resize", "aspect", "--overwrite"])
+    assert failed.exit_code == 1 and "one size" in failed.output, failed.output
+    assert _snapshot(out) == kept and sorted(p.name for p in tmp_path.iterdir()) == ["runs_pc"]
+    replaced = CliRunner().invoke(cli, base + ["--method", "patchcore", "--set", "coreset_ratio=0.2", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((out / CATEGORY / "config.json").read_text())["method"] == "patchcore"
+    assert sorted(p.name for p in out.iterdir()) == [CATEGORY]
+
+
+def test_train_refuses_an_out_that_holds_the_dataset(synth_root, tmp_path):
+    with pytest.raises(ThreecadError, match="holds the dataset"):
+        runner.train("padim", synth_root, [CATEGORY], out=synth_root.parent, device="cpu", size=64, overwrite=True)
+    assert (synth_root / CATEGORY / "train").is_dir()
+
+
+def test_an_interrupted_cfrg_run_leaves_out_alone_and_resumes(synth_root, tmp_path, monkeypatch):
+    import cfrg.train
+
+    config = {"epochs": 2, "batch_size": 3, "train_images": 3, "size": 64, "teacher": "efficientnet_lite0",
+              "teacher_weights": "random"}
+    save = cfrg.train.save_checkpoint
+
+    def killed_after_first_epoch(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cfrg.train, "save_checkpoint", killed_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        runner.train("cfrg", synth_root, ["AI"], out=tmp_path / "runs", device="cpu", size=64, config=config)
+    assert not (tmp_path / "runs").exists()  # no half-written run folder
+    assert (tmp_path / ".runs.checkpoints" / CATEGORY / "checkpoint.pt").is_file()  # kept for --resume
+    trained = []
+
+    def recording(*args, **kwargs):
+        trained.append(args[5] + 1)  # the epoch just finished
+        save(*args, **kwargs)
+
+    monkeypatch.setattr(cfrg.train, "save_checkpoint", recording)
+    runs = runner.train("cfrg", synth_root, ["AI"], out=tmp_path / "runs", device="cpu", size=64,
+                        config={**config, "resume": True})
+    assert trained == [2]  # epoch 1 came from the checkpoint
+    log = [json.loads(line) for line in (runs[0] / "train_log.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [1, 2]
+    assert {"checkpoint.pt", "config.json", "weights.pt", "run.json"} <= {p.name for p in runs[0].iterdir()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def _dataset_copy(synth_root, tmp_path):
+    """A private copy of the synthetic dataset (the session's is shared and read-only)."""
+    import shutil
+
+    return Path(shutil.copytree(synth_root, tmp_path / "dataset"))
+
+
+def test_predict_refuses_a_non_empty_out_and_a_failed_overwrite_keeps_the_first_maps(cli_run, synth_root,
+                                                                                    tmp_path):
+    runs, out = cli_run / "runs", tmp_path / "maps"
+    first = CliRunner().invoke(cli, ["predict", "--run", str(runs), "--dataset", str(synth_root), "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    kept = _snapshot(out)
+    again = CliRunner().invoke(cli, ["predict", "--run", str(runs), "--dataset", str(synth_root), "--out", str(out),
+                                     "--set", "topk=1.0"])
+    errors = _error_lines(again)
+    assert again.exit_code == 1 and len(errors) == 1 and str(out) in errors[0] and "--overwrite" in errors[0]
+    assert _snapshot(out) == kept
+    # A test image that cannot be read half-way through: the first maps stay as they were.
+    dataset = _dataset_copy(synth_root, tmp_path)
+    last = list_samples(dataset, CATEGORY, "test")[-1]
+    last.image_path.write_bytes(b"not a png")
+    failed = CliRunner().invoke(cli, ["predict", "--run", str(runs), "--dataset", str(dataset), "--out", str(out),
+                                      "--set", "topk=1.0", "--overwrite"])
+    assert failed.exit_code == 1 and "unreadable image" in failed.output, failed.output
+    assert _snapshot(out) == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset", "maps"]  # no partial folder left
+    replaced = CliRunner().invoke(cli, ["predict", "--run", str(runs), "--dataset", str(synth_root), "--out",
+                                        str(out), "--set", "topk=1.0", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert (out / "scores.csv").read_bytes() != kept["scores.csv"]
+
+
+def test_predict_reads_images_only_and_evaluate_names_a_missing_mask(cli_run, tmp_path):
+    dataset = tmp_path / "data"
+    made = CliRunner().invoke(cli, ["synth", "dataset", str(dataset), "--categories", "2", "--train", "2",
+                                    "--test-good", "2", "--test-defect", "3", "--size", "64x64", "--seed", "3"])
+    assert made.exit_code == 0, made.output
+    samples = list_samples(dataset, CATEGORY, "test")
+    lost = next(s for s in samples if s.label == 1)
+    lost.mask_path.unlink()
+    result = CliRunner().invoke(cli, ["predict", "--run", str(cli_run / "runs"), "--dataset", str(dataset),
+                                      "--out", str(tmp_path / "maps")])
+    assert result.exit_code == 0, result.output
+    assert all(find_map(tmp_path / "maps", CATEGORY, s.defect, s.stem) is not None for s in samples)
+    evaluated = CliRunner().invoke(cli, ["evaluate", "--dataset", str(dataset), "--predictions",
+                                         str(tmp_path / "maps"), "--categories", "AI"])
+    errors = _error_lines(evaluated)
+    assert evaluated.exit_code == 1 and len(errors) == 1, evaluated.output
+    assert str(lost.mask_path) in errors[0] and "ground-truth mask missing" in errors[0]
+    assert f"{CATEGORY}/{lost.relpath}" in errors[0] and "Traceback" not in evaluated.output
 
 
 def test_exposure_is_recorded_and_applied_at_predict(synth_root, tmp_path, monkeypatch):
@@ -130,6 +255,16 @@ def test_predict_overrides_inference_options(cli_run, synth_root, tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error")]
     assert result.exit_code == 1 and len(errors) == 1, result.output
     assert str(cli_run / "runs" / CATEGORY) in errors[0] and "intensity_weight" in errors[0]
+    # fit-time options and out-of-range inference values: one line naming the run, no map written
+    for setting, message in (("coreset_ratio=0.5", "coreset_ratio is fixed when the method is fitted"),
+                             ("backbone=resnet18", "backbone is fixed when the method is fitted"),
+                             ("sigma=-1", "option sigma takes a number >= 0, got -1")):
+        result = CliRunner().invoke(cli, ["predict", "--run", str(cli_run / "runs"), "--dataset", str(synth_root),
+                                          "--out", str(tmp_path / "refused"), "--set", setting])
+        errors = [line for line in result.output.splitlines() if line.startswith("error")]
+        assert result.exit_code == 1 and len(errors) == 1, result.output
+        assert str(cli_run / "runs" / CATEGORY) in errors[0] and message in errors[0], errors[0]
+        assert not (tmp_path / "refused").exists()
 
 
 def test_same_seed_same_predictions(synth_root, tmp_path):
@@ -150,7 +285,15 @@ def test_user_errors_are_one_line_exit_1(synth_root, tmp_path):
         (base + ["--method", "patchcore", "--category", CATEGORY, "--set", "reweight=maybe"],
          "option reweight takes true or false, got 'maybe'"),
         (base + ["--method", "patchcore", "--category", CATEGORY, "--set", "sigma=big"],
-         "option sigma takes a number, got 'big'"),
+         "option sigma takes a number >= 0, got 'big'"),
+        (base + ["--method", "patchcore", "--category", CATEGORY, "--set", "topk=1.5"],
+         "option topk takes a number in [0, 1], got 1.5"),
+        (base + ["--method", "patchcore", "--category", CATEGORY, "--set", "feature_dim=0"],
+         "option feature_dim takes a whole number >= 1 or null, got 0"),
+        (base + ["--method", "padim", "--category", CATEGORY, "--set", "sigma=-1"],
+         "option sigma takes a number >= 0, got -1"),
+        (base + ["--method", "cfrg", "--category", CATEGORY, "--size", "64", "--set", "map_terms=recovery+x"],
+         "option map_terms takes a +-joined choice of recovery, segmentation, distillation, got 'recovery+x'"),
         (base + ["--method", "patchcore", "--category", CATEGORY, "--textures", str(tmp_path)],
          "no option(s) textures"),  # --textures is passed on as a method option
         (["predict", "--run", str(tmp_path), "--dataset", str(synth_root), "--out", str(tmp_path / "p")],
@@ -189,12 +332,6 @@ def test_methods_command_lists_both():
     assert result.exit_code == 0
     names = [line.split()[0] for line in result.output.splitlines()]
     assert {"patchcore", "padim"} <= set(names)
-
-
-def test_categories_are_validated(synth_root):
-    with pytest.raises(ThreecadError, match="unknown category"):
-        runner.resolve_categories(synth_root, ["Aluminum_Ipad", "Missing"])
-    assert runner.resolve_categories(synth_root, "all") == runner.resolve_categories(synth_root, None)
 
 
 def test_demo_refuses_to_overwrite_and_unknown_sources(tmp_path):

@@ -6,7 +6,11 @@ Everything here is data from the paper and the official repository README, kept 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+from threecad.errors import ThreecadError
 
 
 @dataclass(frozen=True)
@@ -112,14 +116,80 @@ SOURCES: dict[str, ArchiveSource] = {
 LICENSE_NOTE = "The 3CAD authors state no licence for the dataset or the code; ask them before redistributing it."
 
 
+def _key(name: str) -> str:
+    """How names are compared: case, surrounding spaces and ``-`` versus ``_`` do not matter."""
+    return name.strip().lower().replace("-", "_")
+
+
+#: Every folder name, code and alias by :func:`_key`, mapped to its canonical folder.
+_LOOKUP: dict[str, str] = {
+    **{_key(alias): folder for alias, folder in ALIASES.items()},
+    **{_key(c.folder): c.folder for c in CATEGORIES},
+    **{_key(c.code): c.folder for c in CATEGORIES},
+}
+
+
 def canonical_category(name: str) -> str | None:
-    """The canonical folder for a folder name, code or alias; ``None`` for a non-3CAD name."""
-    if name in CATEGORY_FOLDERS:
+    """The canonical folder for a folder name, code or alias (any case); ``None`` for a non-3CAD name."""
+    return _LOOKUP.get(_key(name)) if isinstance(name, str) else None
+
+
+def resolve_categories(
+    available: Sequence[str], names: Sequence[str] | str | None, source: str | Path | None = None
+) -> list[str]:
+    """The folders of ``available`` (a dataset's category folders) that the user means by ``names``.
+
+    The one place where a category named by a user becomes a folder: ``train``, ``predict``,
+    ``evaluate``, the leaderboard and ``data stats``/``export-hf`` all call it, so ``--categories
+    ANI,AP`` means the same everywhere. ``None``, an empty list or ``all`` mean every folder. A name
+    is, in this order: a folder of the dataset; a 3CAD folder name, code (``ANI``) or catalogue
+    alias in any case, mapped to the folder the dataset holds it under (which may itself be an alias
+    such as ``Aluminum_Middle-Frame``); a folder equal to it ignoring case. Order is kept, duplicates
+    dropped. Anything else is one error naming ``source`` that lists the folders and their codes.
+    """
+    folders = list(available)
+    if isinstance(names, str):
+        names = [names]
+    if not names or any(isinstance(n, str) and n.strip().lower() == "all" and n not in folders for n in names):
+        return folders
+    chosen, unknown = [], []
+    for name in names:
+        folder = _resolve_one(folders, name)
+        if folder is None:
+            unknown.append(name)
+        else:
+            chosen.append(folder)
+    if unknown:
+        described = ", ".join(
+            f"{n} (3CAD {canonical_category(n)}, not in this dataset)" if canonical_category(n) else str(n)
+            for n in unknown
+        )
+        raise ThreecadError(
+            f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {described}; the dataset has {_listing(folders)}",
+            source,
+        )
+    return list(dict.fromkeys(chosen))
+
+
+def _resolve_one(folders: list[str], name: str) -> str | None:
+    if not isinstance(name, str):
+        return None
+    if name in folders:
         return name
-    for info in CATEGORIES:
-        if name.upper() == info.code:
-            return info.folder
-    return ALIASES.get(name)
+    canonical = canonical_category(name)
+    if canonical in folders:
+        return canonical
+    held = [f for f in folders if canonical is not None and canonical_category(f) == canonical]
+    if len(held) == 1:  # the dataset names it by an alias
+        return held[0]
+    same = [f for f in folders if f.lower() == name.strip().lower()]
+    return same[0] if len(same) == 1 else None
+
+
+def _listing(folders: list[str]) -> str:
+    """``Aluminum_Ipad (AI), Magnetic_Tile``: each folder with its 3CAD code where it has one."""
+    codes = {c.folder: c.code for c in CATEGORIES}
+    return ", ".join(f"{f} ({codes[canonical_category(f)]})" if canonical_category(f) else f for f in folders) or "none"
 
 
 def category_info(name: str) -> CategoryInfo | None:

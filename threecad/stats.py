@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from threecad.catalog import resolve_categories
 from threecad.data import image_metadata, read_mask
 from threecad.io import image_size, write_bytes, write_json
 from threecad.layout import Sample, list_categories, list_samples
@@ -102,7 +103,7 @@ def dataset_stats(
     meta = image_metadata(root, metadata)
     report = StatsReport(str(root))
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for cat in categories or list_categories(root):
+        for cat in resolve_categories(list_categories(root), categories, root):  # codes and aliases too
             samples = [s for split in ("train", "validation", "test") for s in list_samples(root, cat, split)]
             sizes = list(progress(pool.map(lambda s: image_size(s.image_path), samples), desc=f"sizes {cat}",
                                   total=len(samples)))

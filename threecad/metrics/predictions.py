@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from threecad.catalog import resolve_categories
 from threecad.errors import ThreecadError
 from threecad.io import image_size
 from threecad.layout import list_categories, list_samples
@@ -68,8 +69,9 @@ def evaluate_predictions(
     """Score a submission folder; returns the :meth:`Evaluator.compute` dictionary.
 
     ``categories`` defaults to every category of the dataset, and then a predictions folder with a
-    category the dataset lacks is an error too. ``size`` evaluates at a declared (width, height)
-    instead of the native resolution (``mvtec`` protocol only).
+    category the dataset lacks is an error too; names may be folders, 3CAD codes (``ANI``) or
+    catalogue aliases (:func:`threecad.catalog.resolve_categories`). ``size`` evaluates at a
+    declared (width, height) instead of the native resolution (``mvtec`` protocol only).
 
     ``scores`` gives the image scores: ``"auto"`` reads ``<predictions>/scores.csv`` when it exists
     (else the image score is the max of the map), a path reads that file, a dict maps
@@ -81,14 +83,7 @@ def evaluate_predictions(
         raise ThreecadError("predictions folder not found", predictions)
     available = list_categories(root)
     if categories:
-        unknown = [c for c in categories if c not in available]
-        if unknown:
-            raise ThreecadError(
-                f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
-                f"the dataset has {', '.join(available)}",
-                root,
-            )
-        chosen = list(categories)
+        chosen = resolve_categories(available, categories, root)  # folders, 3CAD codes or aliases
     else:
         chosen = available
         stray = sorted(p.name for p in predictions.iterdir() if p.is_dir() and p.name not in available)
@@ -138,7 +133,8 @@ def ground_truth_mask(sample) -> np.ndarray:
     if sample.label == 0:
         return np.zeros((height, width), dtype=bool)
     if sample.mask_path is None or not sample.mask_path.is_file():
-        raise ThreecadError("defective test image has no ground-truth mask", sample.image_path)
+        raise ThreecadError(f"ground-truth mask missing: defective test image {sample.category}/{sample.relpath} "
+                            "needs it to be evaluated", sample.mask_path or sample.image_path)
     return read_mask(sample.mask_path, expected_size=(width, height))
 
 

@@ -143,24 +143,32 @@ class CFRG(Method):
         return torch.utils.data.Subset(data, keep)
 
     # ------------------------------------------------------------------ Method API
-    def fit(self, train_data: torch.utils.data.Dataset, validation_data: torch.utils.data.Dataset | None = None):
+    def fit(self, train_set: torch.utils.data.Dataset, val_set: torch.utils.data.Dataset | None = None):
         net = self._build()
         device = resolve_device(self.device)
         if self.size is None:  # the size the runner loaded the images at (``3cad train --size``)
-            height, width = train_data[0]["image"].shape[-2:]
+            height, width = train_set[0]["image"].shape[-2:]
             if height != width or height % 32:
                 raise ThreecadError(f"cfrg trains on square images with a side divisible by 32, got {width}x{height}; "
                                     "use --resize squash and --size 256 (or 128, 320 ...)")
             self._fitted_size = int(height)
-        base = self._subset(train_data)
+        base = self._subset(train_set)
         bank = TextureBank(self.textures, images=base)
         data = SyntheticAnomalyDataset(base, bank, self.clean_probability, seed=self.seed)
         validation = None
-        if validation_data is not None and len(validation_data):
-            validation = SyntheticAnomalyDataset(validation_data, bank, self.clean_probability, seed=self.seed + 1)
+        if val_set is not None and len(val_set):
+            validation = SyntheticAnomalyDataset(val_set, bank, self.clean_probability, seed=self.seed + 1)
         log.info("cfrg: teacher %s, %d training images, textures: %s", self.teacher, len(base), bank.source)
-        self.history_ = train(net, data, self.train_config(), device, self.work_dir, self.resume, validation)
+        self.history_ = train(net, data, self.train_config(), device, self.work_dir, self.resume, validation,
+                              fingerprint=self._fingerprint())
         return self
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """What else a resumed checkpoint must have been trained with (the engine checks the schedule,
+        batch, seed and AMP; :meth:`TrainConfig.fingerprint` the optimiser and loss weights)."""
+        return {"teacher": self._teacher_used, "size": self.size or self._fitted_size,
+                "clean_probability": self.clean_probability, "textures": self.textures,
+                "train_images": self.train_images}
 
     @torch.no_grad()
     def predict_outputs(self, images: torch.Tensor) -> dict:

@@ -1,5 +1,6 @@
 """CFRG: reference shapes and parameter counts, losses and maps against direct transcriptions,
-gradient routing, schedule, exact resume, DDP (gloo, 2 processes), predict and the leaderboard path.
+gradient routing, schedule, the engine port against a hand-written loop, exact resume, DDP (gloo,
+2 processes), predict and the leaderboard path.
 
 Everything but the paper-configuration test uses the offline Lite0 teacher and 64 px inputs.
 """
@@ -20,7 +21,7 @@ from scipy.ndimage import gaussian_filter
 from cfrg.infer import anomaly_maps
 from cfrg.losses import cfrg_losses, distillation_loss, recovery_loss, segmentation_loss
 from cfrg.model import CFRGNet, Teacher, build_teacher, count_parameters
-from cfrg.train import CHECKPOINT_FILE, TrainConfig, make_optimizer, make_scheduler, train
+from cfrg.train import CHECKPOINT_FILE, TrainConfig, collate, make_optimizer, make_scheduler, train
 from threecad.anomalies import SyntheticAnomalyDataset
 from threecad.errors import ThreecadError
 
@@ -240,13 +241,51 @@ def test_schedule_and_weight_decay(lite_teacher):
     assert TrainConfig(epochs=3).milestone_epochs() == [2, 3]
 
 
+def test_the_engine_runs_the_loop_cfrg_had_before_it(lite_teacher):
+    """CFRG on the shared engine == the loop it replaced, written out by hand: channels-last
+    network and inputs, Adam + MultiStepLR per epoch, the seeded epoch order (the order itself is
+    checked against the old shuffling loader in tests/test_training.py), bit for bit on CPU."""
+    from threecad.methods.training import epoch_order, seed_all
+
+    config = TrainConfig(epochs=2, batch_size=2, seed=11)
+    engine_net = _lite_net(lite_teacher, seed=11)
+    history = train(engine_net, SyntheticAnomalyDataset(_Images(4), seed=11), config, torch.device("cpu"))
+
+    net = _lite_net(lite_teacher, seed=11).to(memory_format=torch.channels_last)
+    data = SyntheticAnomalyDataset(_Images(4), seed=11)
+    optimizer = make_optimizer(net, config)
+    scheduler = make_scheduler(optimizer, config)
+    seed_all(11)
+    losses = []
+    for epoch in range(2):
+        net.train()
+        data.set_epoch(epoch)
+        order = epoch_order(11, epoch, len(data))
+        total = 0.0
+        for start in (0, 2):
+            batch = collate([data[i] for i in order[start:start + 2]])
+            out = net(batch["augmented"].contiguous(memory_format=torch.channels_last),
+                      batch["image"].contiguous(memory_format=torch.channels_last))
+            loss = cfrg_losses(out, batch["mask"])["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * 2
+        losses.append(total / 4)
+        scheduler.step()
+    assert [row["loss"] for row in history] == losses
+    state = engine_net.trainable_state_dict()
+    assert all(torch.equal(state[k], v) for k, v in net.trainable_state_dict().items())
+
+
 def test_resume_reproduces_the_uninterrupted_loss_sequence(lite_teacher, tmp_path):
     config = TrainConfig(epochs=3, batch_size=2, seed=11)
 
     def run(work_dir: Path, stop_after=None, resume=False):
         net = _lite_net(lite_teacher, seed=11)
         data = SyntheticAnomalyDataset(_Images(4), seed=11)
-        history = train(net, data, config, torch.device("cpu"), work_dir, resume=resume, stop_after=stop_after)
+        history = train(net, data, config, torch.device("cpu"), work_dir, resume=resume, stop_after=stop_after,
+                        fingerprint={"clean_probability": 0.0})
         return history, net.trainable_state_dict()
 
     full, full_state = run(tmp_path / "full")
@@ -263,7 +302,11 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(lite_teacher, tmp_pat
     with pytest.raises(ThreecadError, match="lr: 0.0005 -> 0.001"):
         train(_lite_net(lite_teacher, seed=11), SyntheticAnomalyDataset(_Images(4), seed=11),
               TrainConfig(epochs=3, batch_size=2, seed=11, lr=1e-3), torch.device("cpu"), tmp_path / "split",
-              resume=True)
+              resume=True, fingerprint={"clean_probability": 0.0})
+    # ... and so would other synthesis or teacher options (the method's fingerprint)
+    with pytest.raises(ThreecadError, match="clean_probability: 0.0 -> 0.5"):
+        train(_lite_net(lite_teacher, seed=11), SyntheticAnomalyDataset(_Images(4), seed=11), config,
+              torch.device("cpu"), tmp_path / "split", resume=True, fingerprint={"clean_probability": 0.5})
     assert (tmp_path / "split" / CHECKPOINT_FILE).read_bytes() == before
 
 

@@ -131,17 +131,17 @@ def test_train_refuses_an_out_that_holds_the_dataset(synth_root, tmp_path):
 
 
 def test_an_interrupted_cfrg_run_leaves_out_alone_and_resumes(synth_root, tmp_path, monkeypatch):
-    import cfrg.train
+    import threecad.methods.training as engine
 
     config = {"epochs": 2, "batch_size": 3, "train_images": 3, "size": 64, "teacher": "efficientnet_lite0",
               "teacher_weights": "random"}
-    save = cfrg.train.save_checkpoint
+    save = engine.save_checkpoint
 
     def killed_after_first_epoch(*args, **kwargs):
         save(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cfrg.train, "save_checkpoint", killed_after_first_epoch)
+    monkeypatch.setattr(engine, "save_checkpoint", killed_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         runner.train("cfrg", synth_root, ["AI"], out=tmp_path / "runs", device="cpu", size=64, config=config)
     assert not (tmp_path / "runs").exists()  # no half-written run folder
@@ -149,10 +149,10 @@ def test_an_interrupted_cfrg_run_leaves_out_alone_and_resumes(synth_root, tmp_pa
     trained = []
 
     def recording(*args, **kwargs):
-        trained.append(args[5] + 1)  # the epoch just finished
+        trained.append(args[1]["epoch"])  # epochs finished
         save(*args, **kwargs)
 
-    monkeypatch.setattr(cfrg.train, "save_checkpoint", recording)
+    monkeypatch.setattr(engine, "save_checkpoint", recording)
     runs = runner.train("cfrg", synth_root, ["AI"], out=tmp_path / "runs", device="cpu", size=64,
                         config={**config, "resume": True})
     assert trained == [2]  # epoch 1 came from the checkpoint

@@ -296,7 +296,7 @@ def _parse_set(pairs: tuple[str, ...]) -> dict:
 @cli.command("methods")
 def methods_command() -> None:
     """List the methods that train/predict can build."""
-    from baselines.base import available, get_method
+    from threecad.methods import available, get_method
 
     for name in available():
         try:
@@ -324,10 +324,11 @@ def backbones_command() -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [runs/<method>].")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the whole run has succeeded).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--size", default=256, show_default=True, help="Image side fed to the model.")
-@click.option("--resize", type=click.Choice(["squash", "aspect"]), default="squash", show_default=True)
-@click.option("--exposure", type=click.Choice(["raw", "mean"]), default="raw", show_default=True,
-              help="mean: scale each image to one mean intensity (frames shot at different exposures).")
+@click.option("--size", type=int, default=None, help="Image side fed to the model [256]; saved with the method.")
+@click.option("--resize", type=click.Choice(["squash", "aspect"]), default=None, help="[squash]; saved with the method.")
+@click.option("--exposure", type=click.Choice(["raw", "mean"]), default=None,
+              help="mean: scale each image to one mean intensity (frames shot at different exposures) [raw]; "
+                   "saved with the method.")
 @click.option("--seed", type=int, default=None, help="Random seed [the method's default: 0, or 42 for cfrg].")
 @click.option("--backbone", default=None, help="Backbone name (method option).")
 @click.option("--epochs", type=int, default=None, help="Training epochs (method option).")
@@ -340,7 +341,7 @@ def backbones_command() -> None:
 def train_command(method, dataset, categories, out, overwrite, device, size, resize, exposure, seed, backbone,
                   epochs, batch_size, teacher, resume, textures, settings) -> None:
     """Fit a method on the train/good images of each category; one run folder per category."""
-    from baselines.runner import train
+    from threecad.methods.runner import train
 
     config = _parse_set(settings)
     named = {"backbone": backbone, "epochs": epochs, "batch_size": batch_size, "teacher": teacher, "resume": resume,
@@ -365,7 +366,7 @@ def train_command(method, dataset, categories, out, overwrite, device, size, res
               help="Override an inference option of the saved run (e.g. topk=0.03, sigma=2; repeatable).")
 def predict_command(run, dataset, out, overwrite, dtype, device, batch_size, settings) -> None:
     """Write anomaly maps (native size, submission layout) and scores.csv for the test split."""
-    from baselines.runner import predict
+    from threecad.methods.runner import predict
 
     written = predict(run, dataset, out, dtype=dtype, batch_size=batch_size, device=device,
                       config=_parse_set(settings), overwrite=overwrite)

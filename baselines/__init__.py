@@ -1,5 +1,5 @@
-"""Reference anomaly-detection methods behind one interface (:class:`baselines.base.Method`)."""
+"""Reference anomaly-detection methods (PatchCore, PaDiM, ...), each a :class:`threecad.methods.Method`.
 
-from baselines.base import Method, available, build, get_method, load_method, register
-
-__all__ = ["Method", "available", "build", "get_method", "load_method", "register"]
+Every module here is imported on the first method lookup (:mod:`threecad.methods.registry`), so a
+new method file registers itself without any other edit.
+"""

@@ -1,18 +1,23 @@
-"""Patch features from several backbone stages, and the map post-processing shared by the methods.
+"""Patch features from several backbone stages.
 
 PatchCore describes each feature-map position by its local neighbourhood: features are averaged over
 a ``k x k`` window (stride 1, so the resolution is kept), which adds context without the blur of a
 deeper layer. Deeper stages are upsampled (bilinear) to the finest stage's grid and concatenated.
-Anomaly maps are upsampled to the input resolution and smoothed with a Gaussian (sigma 4 pixels),
-as both papers do. An image's score is its map's maximum (both papers) or, with ``topk``, the mean
-of the map's highest ``topk`` fraction of pixels: one extreme pixel of a normal image (a rare but
-normal structure) then weighs less than a defect that raises a whole region.
+
+The map post-processing (upsampling to the input, Gaussian smoothing with sigma 4 pixels as both
+papers do, the image score: the map's maximum or the mean of its top ``topk`` fraction) is shared by
+every method and lives in :mod:`threecad.postprocess`; its names are re-exported here.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from threecad.postprocess import gaussian_blur, gaussian_kernel1d, top_fraction_mean, upsample_maps
+
+__all__ = ["combine_stages", "gaussian_blur", "gaussian_kernel1d", "local_aggregate", "top_fraction_mean",
+           "upsample_maps"]
 
 
 def local_aggregate(feature: torch.Tensor, kernel: int = 3) -> torch.Tensor:
@@ -43,50 +48,3 @@ def combine_stages(features: list[torch.Tensor], kernel: int = 3, balance: bool 
             feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
         out.append(feature)
     return torch.cat(out, 1)
-
-
-def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """Normalised 1-D Gaussian of radius ``round(truncate * sigma)`` (scipy.ndimage's convention)."""
-    radius = int(truncate * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    return (kernel / kernel.sum()).float()
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
-    """Separable Gaussian blur of (B, H, W) maps, mirror borders (scipy ``mode="mirror"``)."""
-    if sigma <= 0:
-        return maps
-    kernel = gaussian_kernel1d(sigma).to(maps.device)
-    radius = kernel.numel() // 2
-    x = maps[:, None].float()
-    for dim in (2, 3):
-        n = x.shape[dim]
-        pad = min(radius, n - 1)
-        if pad < radius:  # tiny maps: reflect padding cannot exceed the size, so replicate the rest
-            x = F.pad(x, (0, 0, pad, pad) if dim == 2 else (pad, pad, 0, 0), mode="reflect") if pad else x
-            extra = radius - pad
-            x = F.pad(x, (0, 0, extra, extra) if dim == 2 else (extra, extra, 0, 0), mode="replicate")
-        else:
-            x = F.pad(x, (0, 0, radius, radius) if dim == 2 else (radius, radius, 0, 0), mode="reflect")
-        weight = kernel.view(1, 1, -1, 1) if dim == 2 else kernel.view(1, 1, 1, -1)
-        x = F.conv2d(x, weight)
-    return x[:, 0]
-
-
-def upsample_maps(patch_maps: torch.Tensor, size: tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
-    """(B, h, w) patch scores -> (B, H, W) at ``size`` (bilinear), then Gaussian-smoothed."""
-    maps = F.interpolate(patch_maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-    return gaussian_blur(maps, sigma)
-
-
-def top_fraction_mean(maps: torch.Tensor, topk: float = 0.0) -> torch.Tensor:
-    """Image scores (B,) of (B, H, W) maps: the maximum (``topk`` <= 0), else the mean of the top
-    ``max(1, round(topk * H * W))`` pixels of each map."""
-    flat = maps.flatten(1)
-    if topk <= 0:
-        return flat.amax(1)
-    if topk > 1:
-        raise ValueError(f"topk is a fraction of the map's pixels in [0, 1], got {topk}")
-    k = max(1, int(round(topk * flat.shape[1])))
-    return flat.topk(k, dim=1).values.mean(1)

@@ -68,7 +68,7 @@ def run_demo(out: str | Path, overwrite: bool = False, device: str = "auto", see
 
 def _run(work: Path, out: Path, device: str, seed: int, source: str) -> dict[str, Any]:
     """The demo's steps in ``work`` (the staged folder that becomes ``out``)."""
-    from baselines.runner import predict, train
+    from threecad.methods.runner import predict, train
     from threecad.metrics import evaluate_predictions, format_table
 
     timings: dict[str, float] = {}

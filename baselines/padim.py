@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from baselines import features as _features
-from baselines.aggregation import combine_stages, top_fraction_mean, upsample_maps
-from baselines.base import Method, Option, register
-from baselines.batching import iter_batches
+from baselines.aggregation import combine_stages
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
+from threecad.methods import Method, Option, iter_batches, register
+from threecad.postprocess import top_fraction_mean, upsample_maps
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +125,11 @@ class PaDiM(Method):
         maps = _features.extract(self._get_extractor(), images.to(self._device()), self.layers)
         return combine_stages([m.float() for m in maps], kernel=1)
 
-    def fit(self, train_data, validation_data=None) -> PaDiM:
+    def fit(self, train_set, val_set=None) -> PaDiM:
         device = self._device()
         sums = outer = None
         count = 0
-        for images, items in iter_batches(train_data, self.batch_size, desc="padim features"):
+        for images, items in iter_batches(train_set, self.batch_size, desc="padim features"):
             fused = self.embed(images)
             b, c, h, w = fused.shape
             if sums is None:
@@ -161,7 +161,7 @@ class PaDiM(Method):
         self.inv_cov = torch.linalg.inv(cov).float()
         return self
 
-    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def predict_batch(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         if self.mean is None or self.inv_cov is None or self.channel_index is None:
             raise ThreecadError("PaDiM is not fitted: call fit() or load a saved run")
         device = self._device()

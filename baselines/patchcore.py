@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from baselines import features as _features
-from baselines.aggregation import combine_stages, local_aggregate, top_fraction_mean, upsample_maps
-from baselines.base import Method, Option, register
-from baselines.batching import iter_batches
+from baselines.aggregation import combine_stages, local_aggregate
 from baselines.coreset import chunked_greedy_coreset
 from baselines.knn import nearest_neighbors
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
+from threecad.methods import Method, Option, iter_batches, register
+from threecad.postprocess import top_fraction_mean, upsample_maps
 from threecad.progress import progress
 
 log = logging.getLogger(__name__)
@@ -285,14 +285,14 @@ class PatchCore(Method):
         return fused.contiguous()
 
     # ------------------------------------------------------------------ fit
-    def fit(self, train_data, validation_data=None) -> PatchCore:
+    def fit(self, train_set, val_set=None) -> PatchCore:
         if len(self.scales) > 1:
             for factor, part in zip(self.scales, self._scale_parts()):
                 log.info("patchcore: fitting input scale %g", factor)
-                part.fit(train_data)
+                part.fit(train_set)
             return self
         chunks, grids = [], []
-        for images, _ in iter_batches(train_data, self.batch_size, desc="patchcore features"):
+        for images, _ in iter_batches(train_set, self.batch_size, desc="patchcore features"):
             embedded = self.embed(images)
             grids += [tuple(embedded.shape[1:3])] * len(embedded)
             chunks.append(embedded.reshape(-1, embedded.shape[-1]).cpu())
@@ -374,7 +374,7 @@ class PatchCore(Method):
             self.memory_bank = self.memory_bank.to(device)
         return self.memory_bank
 
-    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def predict_batch(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         image_scores, maps = self._predict(images)
         return image_scores.float().cpu().numpy(), maps.cpu().numpy().astype(np.float32)
 

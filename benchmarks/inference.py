@@ -1,6 +1,6 @@
 """Inference speed of every registered method against its bare backbone.
 
-For each method of ``baselines.available()``: fit on a few synthetic images with a small
+For each method of ``threecad.methods.available()``: fit on a few synthetic images with a small
 configuration (``SMALL_CONFIG``), then time ``predict`` on 256x256 images at batch 1 and batch 16
 (images/s, maps returned to the CPU as numpy, so the timing covers everything a user waits for).
 The bare backbone forward pass (normalisation + features up to the deepest tapped layer) on the same
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from baselines import available, build
 from threecad.backbones import DEFAULT_BACKBONE, FeatureExtractor, benchmark_forward
 from threecad.data import AnomalyDataset
 from threecad.device import resolve_device
+from threecad.methods import available, build
 from threecad.progress import set_progress
 from threecad.synth.dataset import SynthDatasetConfig, make_synthetic_dataset
 

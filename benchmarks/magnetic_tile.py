@@ -35,15 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from baselines import build, load_method
-from baselines.base import Method
-from baselines.batching import iter_batches
-from baselines.runner import native_size_maps, read_run
 from baselines.validation import KINDS, make_validation_set
 from threecad.data import AnomalyDataset, read_mask
 from threecad.errors import ThreecadError
 from threecad.io import image_size
 from threecad.layout import list_samples
+from threecad.methods import Method, build, iter_batches, load_method, native_size_maps
+from threecad.methods.runner import read_run
 from threecad.metrics import Evaluator
 
 #: PatchCore bank settings per ``--bank``: a random sample (fits take seconds) or the library's coreset.
@@ -129,7 +127,7 @@ def score(method, val_root: Path, category: str, size: int | None, resize: str, 
     by_path = {str(s.image_path): s for s in data.samples}
     start = time.perf_counter()
     for images, items in iter_batches(data, 8):
-        scores, maps = method.predict(images)
+        scores, maps = method.predict_batch(images)
         samples = [by_path[item["path"]] for item in items]
         native = native_size_maps(maps, [image_size(s.image_path) for s in samples])
         for sample, value, amap in zip(samples, scores, native):

@@ -2,8 +2,9 @@
 
 Official combination (the default, ``terms=("recovery", "segmentation")``): the sum over the three
 levels of ``1 - cos(T, R)`` upsampled bilinearly (``align_corners=True``) to the input size, plus
-``sigmoid(logits)``; then a Gaussian with sigma 4 (scipy defaults: truncate 4, reflect border); the
-image score is the map's maximum. Options: add the teacher-student term (``"distillation"``), use
+``sigmoid(logits)``; then a Gaussian with sigma 4 (scipy defaults: truncate 4, reflect border;
+:func:`threecad.postprocess.gaussian_blur`, equal to scipy's to float32 rounding); the image score
+is the map's maximum. Options: add the teacher-student term (``"distillation"``), use
 one term alone, a different sigma (0 = none) or the mean of the top ``topk`` fraction as the score.
 The official code handles batch size 1 only; this works on any batch.
 """
@@ -15,11 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 
-from baselines.aggregation import top_fraction_mean
 from cfrg.model import channel_cosine
 from threecad.errors import ThreecadError
+from threecad.postprocess import gaussian_blur, top_fraction_mean
 
 TERMS = ("recovery", "segmentation", "distillation")
 OFFICIAL_TERMS = ("recovery", "segmentation")
@@ -48,16 +48,9 @@ def raw_map(outputs: dict, size: tuple[int, int], terms: Sequence[str] = OFFICIA
     return total[:, 0]
 
 
-def smooth(maps: np.ndarray, sigma: float = 4.0) -> np.ndarray:
-    """Gaussian per map (scipy defaults, float64 maths as the reference), returned as float32."""
-    if sigma <= 0:
-        return maps.astype(np.float32)
-    return np.stack([gaussian_filter(m.astype(np.float64), sigma=sigma) for m in maps]).astype(np.float32)
-
-
 def anomaly_maps(outputs: dict, size: tuple[int, int], terms: Sequence[str] = OFFICIAL_TERMS,
                  sigma: float = 4.0, topk: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(scores (B,), maps (B, H, W)) as float32 numpy arrays."""
-    maps = smooth(raw_map(outputs, size, terms).detach().cpu().numpy(), sigma)
-    scores = top_fraction_mean(torch.from_numpy(maps), topk).numpy()
-    return scores.astype(np.float32), maps
+    maps = gaussian_blur(raw_map(outputs, size, terms).detach(), sigma)
+    scores = top_fraction_mean(maps, topk)
+    return scores.cpu().numpy().astype(np.float32), maps.cpu().numpy().astype(np.float32)

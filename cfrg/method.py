@@ -1,4 +1,4 @@
-"""CFRG as a registered :class:`baselines.base.Method` (``3cad train --method cfrg``)."""
+"""CFRG as a registered :class:`threecad.methods.Method` (``3cad train --method cfrg``)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from baselines.base import Method, Option, register
 from cfrg.infer import OFFICIAL_TERMS, TERMS, anomaly_maps
 from cfrg.model import PAPER_TEACHER, CFRGNet, build_teacher
 from cfrg.train import TrainConfig, train
 from threecad.anomalies import SyntheticAnomalyDataset, TextureBank
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
+from threecad.methods import Method, Option, register
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ class CFRG(Method):
         device = next(net.student.parameters()).device
         return net(images.to(device).float())
 
-    def predict(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def predict_batch(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         if self.net is None:
             raise ThreecadError("cfrg model is not fitted: call fit() or load a saved run")
         if images.ndim != 4 or images.shape[1] != 3:

@@ -15,6 +15,9 @@ head, the OCBE ``conv4``/``bn4``. All widths derive from the teacher's three tap
   could never match them, which caps both the distillation and the recovery cosine;
 * U-Net: transpose-conv + skip at the two coarse levels, two more x2 up-samplings without skip
   (widths ``c1/2``, ``c1/4``, at least 32 and 16), a 3x3 conv to one logit channel.
+
+The teacher, OCBE and decoder are shared with RD and RD++ and live in
+:mod:`threecad.methods.blocks` (imported here under their old names).
 """
 
 from __future__ import annotations
@@ -26,62 +29,35 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from threecad.backbones import FeatureExtractor, create_backbone
+from threecad.backbones import create_backbone
 from threecad.errors import ThreecadError
+
+# The teacher, OCBE and reverse decoder are shared with RD and RD++ (threecad.methods.blocks).
+from threecad.methods.blocks import (  # noqa: F401 - re-exported: cfrg.model is their historical home
+    OCBE,
+    OFFLINE_TEACHER,
+    PAPER_TEACHER,
+    TEACHER_LAYERS,
+    Bottleneck,
+    Decoder,
+    Teacher,
+    UpBottleneck,
+    build_teacher,
+    count_parameters,
+)
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: Teacher taps: the ends of the stride-4/8/16 stages (WRN layer1-3; EfficientNet blocks 2, 4, 10).
-TEACHER_LAYERS = ("stride4", "stride8", "stride16")
 #: Student taps among EfficientNet-B0's 16 MBConv blocks (24, 40, 112 channels at strides 4, 8, 16).
 STUDENT_BLOCKS = (2, 4, 10)
-PAPER_TEACHER = "wide_resnet50_2"
-OFFLINE_TEACHER = "efficientnet_lite0"
 
 
 def channel_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-pixel cosine similarity over channels, (B, C, H, W) x2 -> (B, 1, H, W)."""
     return F.cosine_similarity(a, b, dim=1, eps=1e-8).unsqueeze(1)
-
-
-# --------------------------------------------------------------------------------------------- teacher
-class Teacher(nn.Module):
-    """Frozen pretrained backbone returning its three tap features as ordinary (autograd-usable) tensors."""
-
-    def __init__(self, name: str = PAPER_TEACHER, weights: str | None = "default",
-                 device: str | torch.device = "cpu"):
-        super().__init__()
-        self.extractor = FeatureExtractor(name, layers=TEACHER_LAYERS, weights=weights, device=device)
-        self.name = self.extractor.name
-        self.channels = tuple(self.extractor.out_channels)
-        # ResNet taps follow a ReLU (>= 0); EfficientNet taps end in a linear projection + BN (signed).
-        self.signed = self.name.startswith("efficientnet")
-
-    def train(self, mode: bool = True) -> Teacher:
-        return super().train(False)  # frozen BN statistics, always
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.extractor(images)
-        # The extractor runs under inference_mode; a clone turns its outputs into normal tensors
-        # that later autograd-recorded ops (the gated U-Net inputs) may save for backward.
-        return [feats[layer].clone() for layer in TEACHER_LAYERS]
-
-
-def build_teacher(name: str, weights: str | None = "default") -> Teacher:
-    """The teacher; a missing WideResNet weight file falls back to the offline Lite0 with a warning."""
-    try:
-        return Teacher(name, weights)
-    except ThreecadError as exc:
-        key = name.strip().lower().replace("-", "_")
-        if key not in (PAPER_TEACHER, "wide_resnet50") or weights not in ("default", "pretrained", "imagenet"):
-            raise
-        log.warning("%s; falling back to the pretrained %s teacher (adapters, bottleneck and decoder are "
-                    "sized from its channels). Place the file to get the paper configuration.", exc, OFFLINE_TEACHER)
-        return Teacher(OFFLINE_TEACHER, "default")
 
 
 # --------------------------------------------------------------------------------------------- student
@@ -129,105 +105,7 @@ class Adapter(nn.Sequential):
         super().__init__(*layers, *([nn.ReLU(inplace=True)] if final_relu else []))
 
 
-# --------------------------------------------------------------------------------------------- recovery
-def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
-
-
-class Bottleneck(nn.Module):
-    """ResNet v1.5 bottleneck (stride on the 3x3) with an explicit width and output width."""
-
-    def __init__(self, c_in: int, width: int, c_out: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(c_out)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut = None
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = x if self.shortcut is None else self.shortcut(x)
-        return self.relu(out + identity)
-
-
-class UpBottleneck(nn.Module):
-    """Decoder bottleneck; with ``upsample`` its middle conv and shortcut are 2x2 stride-2 transposed convs."""
-
-    def __init__(self, c_in: int, width: int, c_out: int, upsample: bool = False, relu_out: bool = True):
-        super().__init__()
-        self.relu_out = relu_out
-        self.conv1 = nn.Conv2d(c_in, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = (nn.ConvTranspose2d(width, width, 2, 2, bias=False) if upsample
-                      else nn.Conv2d(width, width, 3, 1, 1, bias=False))
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, c_out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(c_out)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut = None
-        if upsample:
-            self.shortcut = nn.Sequential(nn.ConvTranspose2d(c_in, c_out, 2, 2, bias=False), nn.BatchNorm2d(c_out))
-        elif c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        identity = x if self.shortcut is None else self.shortcut(x)
-        return self.relu(out + identity) if self.relu_out else out + identity
-
-
-class OCBE(nn.Module):
-    """One-class bottleneck embedding: fuse three teacher levels at stride 16, compress to stride 32."""
-
-    def __init__(self, channels: Sequence[int], blocks: int = 3):
-        super().__init__()
-        c1, c2, c3 = channels
-        self.level1 = nn.Sequential(_conv_bn_relu(c1, c2, 2), _conv_bn_relu(c2, c3, 2))
-        self.level2 = _conv_bn_relu(c2, c3, 2)
-        layers = [Bottleneck(3 * c3, c3, 2 * c3, stride=2)]
-        layers += [Bottleneck(2 * c3, c3, 2 * c3) for _ in range(1, blocks)]
-        self.blocks = nn.Sequential(*layers)
-        self.out_channels = 2 * c3
-
-    def fuse(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([self.level1(feats[0]), self.level2(feats[1]), feats[2]], dim=1)
-
-    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.blocks(self.fuse(feats))
-
-
-class Decoder(nn.Module):
-    """Reverse ResNet: stride 32 -> features shaped like the teacher's three levels (returned fine to coarse)."""
-
-    def __init__(self, channels: Sequence[int], c_in: int, blocks: Sequence[int] = (3, 4, 6),
-                 signed: bool = False):
-        super().__init__()
-        stages = []
-        for c_out, n in zip(reversed(tuple(channels)), blocks):
-            width = c_out // 2
-            layer = [UpBottleneck(c_in, width, c_out, upsample=True)]
-            layer += [UpBottleneck(c_out, width, c_out) for _ in range(1, n)]
-            layer[-1].relu_out = not signed  # each stage's output must be able to match the teacher's range
-            stages.append(nn.Sequential(*layer))
-            c_in = c_out
-        self.stages = nn.ModuleList(stages)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        out = []
-        for stage in self.stages:
-            x = stage(x)
-            out.append(x)
-        return out[::-1]
+# Recovery (OCBE + reverse decoder): threecad.methods.blocks.
 
 
 # --------------------------------------------------------------------------------------------- U-Net head
@@ -324,7 +202,3 @@ class CFRGNet(nn.Module):
         if teacher_clean is not None:
             out["teacher_clean"] = teacher_clean
         return out
-
-
-def count_parameters(module: nn.Module, trainable: bool = True) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable)

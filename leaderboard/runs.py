@@ -1,7 +1,7 @@
 """Standardized runs: every registered method fitted, predicted, evaluated and timed the same way.
 
-Same data, seed, image size and device for everyone; for each category: ``baselines.runner.train``,
-``baselines.runner.predict`` (native-size maps), evaluation under both protocols, and inference
+Same data, seed, image size and device for everyone; for each category: ``threecad.methods.runner.train``,
+``threecad.methods.runner.predict`` (native-size maps), evaluation under both protocols, and inference
 timing the way the MVTec AD 2 runtime protocol measures it: batch size 1, warm-up passes first,
 and each timed pass covers the copy of the image to the device, the forward pass and the map coming
 back to host memory. Memory is the peak reserved by PyTorch's CUDA allocator
@@ -133,7 +133,7 @@ class Timing:
 
 def time_inference(method, images: list[torch.Tensor], device: str | torch.device, warmup: int = 3,
                    timed: int = 20) -> Timing:
-    """Batch-1 latency of ``method.predict``; ``images`` are CPU tensors (3, H, W), decoded beforehand.
+    """Batch-1 latency of ``method.predict_batch``; ``images`` are CPU tensors (3, H, W), decoded beforehand.
 
     Each timed pass starts with the image in host memory and ends with the map in host memory
     (``predict`` returns numpy arrays, which forces the device to finish).
@@ -153,7 +153,7 @@ def time_inference(method, images: list[torch.Tensor], device: str | torch.devic
         image = images[i % len(images)]
         start = time.perf_counter()
         batch = image.unsqueeze(0).to(device, non_blocking=False)
-        scores, maps = method.predict(batch)
+        scores, maps = method.predict_batch(batch)
         if isinstance(maps, torch.Tensor):  # the protocol requires the map back on the host
             maps = maps.cpu()
         if cuda:
@@ -241,9 +241,8 @@ def standardized_run(
     ``out`` holds run folders and maps (default ``~/.threecad/runs/<run id>``). Categories whose
     results are already stored for this exact run are skipped.
     """
-    from baselines import runner
-    from baselines.base import get_method, load_method
     from threecad.data import AnomalyDataset
+    from threecad.methods import get_method, load_method, runner
 
     dataset = Path(dataset)
     cats = resolve_categories(list_categories(dataset), categories, dataset)

@@ -342,7 +342,7 @@ def test_ddp_two_processes_gloo(tmp_path):
 
 # ------------------------------------------------------------------------------------------ method
 def test_method_predict_shapes_save_and_load(tmp_path):
-    from baselines.base import build, load_method
+    from threecad.methods import build, load_method
 
     method = build("cfrg", epochs=1, batch_size=3, size=64, device="cpu", teacher="efficientnet_lite0", seed=1)
     method.work_dir = tmp_path / "work"
@@ -362,8 +362,8 @@ def test_method_predict_shapes_save_and_load(tmp_path):
 
 
 def test_runner_predict_writes_an_evaluable_submission(synth_root, tmp_path):
-    from baselines import runner
     from threecad.layout import list_categories
+    from threecad.methods import runner
     from threecad.metrics import evaluate_predictions
 
     category = list_categories(synth_root)[0]

@@ -20,12 +20,12 @@ from threecad.maps import find_map, read_map
 
 
 class _Fake:
-    """Records what predict receives; returns a torch map to check it is brought back to the host."""
+    """Records what predict_batch receives; returns a torch map to check it is brought back to the host."""
 
     def __init__(self):
         self.shapes = []
 
-    def predict(self, images):
+    def predict_batch(self, images):
         self.shapes.append(tuple(images.shape))
         return np.zeros(len(images), np.float32), torch.zeros(len(images), *images.shape[-2:])
 
@@ -100,7 +100,7 @@ def test_standardized_patchcore_run_lands_in_store_and_table(synth_root, tmp_pat
     def refuse(*args, **kwargs):
         raise AssertionError("train called for a finished category")
 
-    monkeypatch.setattr("baselines.runner.train", refuse)
+    monkeypatch.setattr("threecad.methods.runner.train", refuse)
     again = runs.standardized_run("patchcore", synth_root, **settings)
     assert again.sha256 == summary.sha256 and again.done == [] and again.skipped == [category]
     with Store(store) as db:

@@ -7,6 +7,7 @@ synthetic dataset.
 
 from __future__ import annotations
 
+import json
 import re
 from unittest.mock import patch
 
@@ -20,7 +21,6 @@ from sklearn.metrics import roc_auc_score
 
 import baselines.features as features_module
 import baselines.patchcore as patchcore_module
-from baselines import available, build, load_method
 from baselines.aggregation import (
     combine_stages,
     gaussian_blur,
@@ -34,6 +34,8 @@ from baselines.padim import PaDiM, mahalanobis
 from baselines.patchcore import PatchCore
 from threecad.data import AnomalyDataset
 from threecad.errors import ThreecadError
+from threecad.layout import Sample
+from threecad.methods import INPUT_OPTIONS, available, build, get_method, load_method, native_size_maps
 
 
 class FakeExtractor:
@@ -100,10 +102,10 @@ def test_none_is_accepted_only_where_the_option_allows_it():
 
 @pytest.mark.parametrize("name", ["patchcore", "padim", "cfrg"])
 def test_every_option_is_declared_once_and_its_default_is_allowed(name):
-    from baselines.base import get_method
-
     cls = get_method(name)
-    assert set(cls.OPTIONS) == set(cls.config_keys())  # nothing inferred: every option declared
+    # nothing inferred: every option declared, by the method or (the input options) by the framework
+    assert set(cls.OPTIONS) | set(INPUT_OPTIONS) == set(cls.config_keys())
+    assert set(cls.OPTIONS).isdisjoint(INPUT_OPTIONS) or name == "cfrg"  # cfrg declares its own size
     build(name)  # the defaults pass their own declarations
     assert any(o.predict for o in cls.OPTIONS.values()) and not all(o.predict for o in cls.OPTIONS.values())
 
@@ -299,7 +301,7 @@ def test_gaussian_blur_matches_scipy():
     maps = rng.random((2, 50, 70)).astype(np.float32)
     got = gaussian_blur(torch.from_numpy(maps), sigma=4.0).numpy()
     for i in range(2):
-        ref = gaussian_filter(maps[i].astype(np.float64), sigma=4.0, mode="mirror", truncate=4.0)
+        ref = gaussian_filter(maps[i].astype(np.float64), sigma=4.0, mode="reflect", truncate=4.0)
         np.testing.assert_allclose(got[i], ref, atol=1e-5)
 
 
@@ -671,3 +673,96 @@ def test_topk_image_score_is_the_mean_of_the_top_map_pixels(name, synth_root):
     assert np.allclose(scores, expected, rtol=1e-5)
     with pytest.raises(ThreecadError, match="topk"):
         build(name, topk=1.5)
+
+
+# ---------------------------------------------------------------------------- framework: input options, predict
+def test_input_options_are_declared_checked_and_saved(fake_backbone, tmp_path):
+    method = build("padim", device="cpu", n_features=6, size=32, resize="squash", exposure="mean")
+    assert method.input_settings() == {"size": 32, "resize": "squash", "exposure": "mean"}
+    assert PatchCore().input_settings() == {"size": None, "resize": "squash", "exposure": "raw"}
+    for key, value, allowed in (("size", 0, "a whole number >= 1 or null"),
+                                ("resize", "crop", "one of squash, aspect, native"),
+                                ("exposure", "gain", "one of raw, mean")):
+        with pytest.raises(ThreecadError) as info:
+            build("patchcore", **{key: value})
+        assert str(info.value) == f"method 'patchcore' option {key} takes {allowed}, got {value!r}"
+    method.fit(ImageList(_images(4, 32, 32)))
+    run = method.save(tmp_path / "run")
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert {k: saved[k] for k in INPUT_OPTIONS} == {"size": 32, "resize": "squash", "exposure": "mean"}
+    assert load_method(run).input_settings() == method.input_settings()
+    with pytest.raises(ThreecadError, match="size is fixed when the method is fitted"):
+        load_method(run, size=64)  # the input shaped what was fitted
+
+
+def test_predict_takes_native_images_of_any_size_as_the_loader_would(fake_backbone, tmp_path):
+    from PIL import Image
+
+    from threecad.io import read_image
+
+    method = build("patchcore", device="cpu", size=48, resize="aspect", exposure="mean", coreset_ratio=0.5)
+    method.fit(ImageList(_images(3, 48, 32)))
+    rng = np.random.default_rng(0)
+    shapes = [(60, 40), (60, 40), (45, 90), (50, 50)]
+    arrays = [rng.integers(40, 200, size=(h, w, 3), dtype=np.uint8) for h, w in shapes]
+    arrays[3] = arrays[3][..., 0]  # grey
+    paths = []
+    for i, array in enumerate(arrays):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(array).save(paths[-1])
+    loaded = AnomalyDataset(tmp_path, None, samples=[Sample(p, None, 0, "c", "good", "test") for p in paths],
+                            size=48, resize="aspect", exposure="mean")
+    scores, maps = method.predict(arrays, batch_size=1)  # batch composition changes the last float bits
+    assert isinstance(maps, list) and [m.shape for m in maps] == shapes
+    for i, item in enumerate(loaded):  # the loader's tensor through predict_batch, resized back like the runner
+        s, m = method.predict_batch(item["image"][None])
+        np.testing.assert_array_equal(maps[i], native_size_maps(m, [(shapes[i][1], shapes[i][0])])[0])
+        assert scores[i] == pytest.approx(float(s[0]), abs=1e-6)
+    # the same pixels as float tensors, as 16 bits (scaled by bit depth), or read from the files
+    tensors = [torch.from_numpy(np.atleast_3d(a).repeat(3 // np.atleast_3d(a).shape[2], 2).transpose(2, 0, 1) / 255.0)
+               .float() for a in arrays]
+    for other in (tensors, [a.astype(np.uint16) * 257 for a in arrays], [read_image(p) for p in paths]):
+        again_scores, again = method.predict(other, batch_size=1)
+        np.testing.assert_array_equal(again_scores, scores)
+        for a, b in zip(again, maps):
+            np.testing.assert_array_equal(a, b)
+    _, one_batch = method.predict(torch.stack(tensors[:2]), batch_size=1)  # a batch tensor in: an array out
+    assert isinstance(one_batch, np.ndarray) and one_batch.shape == (2, 60, 40)
+    np.testing.assert_array_equal(one_batch, np.stack(maps[:2]))
+    for bad, what in ((torch.rand(3, 8, 8), "a list of images or a"), ([np.zeros((4, 4, 2), np.uint8)], "cannot read"),
+                      (["image.png"], "cannot read str")):
+        with pytest.raises(ThreecadError, match=what):
+            method.predict(bad)
+
+
+def test_a_float_image_needing_no_transform_is_fed_as_it_is(fake_backbone):
+    method = PatchCore(device="cpu", coreset_ratio=0.5).fit(ImageList(_images(3, 32, 32)))
+    images = torch.stack(_images(2, 32, 32, seed=3))  # not on the 8-bit grid: no quantisation
+    np.testing.assert_array_equal(method.predict(images)[1], method.predict_batch(images)[1])
+
+
+def test_a_run_saved_before_the_input_options_takes_them_from_run_json(fake_backbone, tmp_path):
+    method = build("padim", device="cpu", n_features=6, size=32, exposure="mean").fit(ImageList(_images(4, 32, 32)))
+    run = method.save(tmp_path / "run")
+    saved = json.loads((run / "config.json").read_text())
+    for key in INPUT_OPTIONS:
+        del saved["config"][key]
+    (run / "config.json").write_text(json.dumps(saved))
+    assert load_method(run).input_settings() == {"size": None, "resize": "squash", "exposure": "raw"}
+    (run / "run.json").write_text(json.dumps({"size": 32, "resize": "squash", "exposure": "mean"}))
+    old = load_method(run)
+    assert old.input_settings() == method.input_settings()
+    images = [np.full((50, 70, 3), 90, np.uint8)]
+    np.testing.assert_array_equal(old.predict(images)[1][0], method.predict(images)[1][0])
+
+
+def test_a_method_never_imports_at_framework_import_and_builtins_are_found_by_scanning():
+    import subprocess
+    import sys
+
+    code = ("import sys, threecad.methods as m; assert not [k for k in sys.modules if k.split('.')[0] in "
+            "('baselines', 'cfrg', 'leaderboard')], 'imported early'; "
+            "from threecad.methods import registry; assert 'baselines.padim' in registry._builtin_modules(); "
+            "assert {'patchcore', 'padim', 'cfrg'} <= set(m.available())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

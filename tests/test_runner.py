@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import baselines.runner as runner
+import threecad.methods.runner as runner
 from cli import cli
 from threecad.errors import ThreecadError
 from threecad.io import image_size
@@ -343,3 +343,49 @@ def test_demo_refuses_to_overwrite_and_unknown_sources(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "x"
     with pytest.raises(ThreecadError, match="unknown demo source"):
         run_demo(tmp_path / "new", source="nope")
+
+
+@pytest.mark.parametrize("method, options", [
+    ("padim", ["--resize", "squash"]),
+    ("patchcore", ["--resize", "aspect", "--set", "coreset_ratio=0.2"]),
+])
+def test_a_loaded_method_predicts_the_maps_3cad_predict_writes(synth_root, tmp_path, method, options):
+    from threecad.io import read_image
+    from threecad.methods import load_method
+
+    runs = tmp_path / "runs"
+    trained = CliRunner().invoke(cli, ["train", "--method", method, "--dataset", str(synth_root), "--category",
+                                       CATEGORY, "--out", str(runs), "--device", "cpu", "--size", "64",
+                                       "--exposure", "mean", *options])
+    assert trained.exit_code == 0, trained.output
+    config = json.loads((runs / CATEGORY / "config.json").read_text())["config"]
+    assert config["size"] == 64 and config["exposure"] == "mean" and config["resize"] == options[1]
+    predicted = CliRunner().invoke(cli, ["predict", "--run", str(runs), "--dataset", str(synth_root), "--out",
+                                         str(tmp_path / "pred"), "--batch-size", "1"])
+    assert predicted.exit_code == 0, predicted.output
+    samples = list_samples(synth_root, CATEGORY, "test")
+    images = [read_image(s.image_path) for s in samples]  # native sizes, 8-bit grey or RGB as stored
+    assert len({i.shape[:2] for i in images}) > 1
+    model = load_method(runs / CATEGORY)
+    written = [read_map(find_map(tmp_path / "pred", CATEGORY, s.defect, s.stem)) for s in samples]
+    _, maps = model.predict(images, batch_size=1)  # the same batches as --batch-size 1: bit for bit
+    for amap, expected in zip(maps, written):
+        assert amap.dtype == expected.dtype == np.float32
+        np.testing.assert_array_equal(amap, expected)
+    _, batched = model.predict(images)  # other batches: the same up to float rounding
+    for amap, expected in zip(batched, written):
+        np.testing.assert_allclose(amap, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_input_options_given_twice_and_predict_off_rank_0(synth_root, tmp_path, monkeypatch):
+    with pytest.raises(ThreecadError, match=r"size is given twice \(32 as an option, 64 as --size\)"):
+        runner.train("padim", synth_root, [CATEGORY], out=tmp_path / "runs", device="cpu", size=64,
+                     config={"size": 32})
+    result = CliRunner().invoke(cli, ["train", "--method", "padim", "--dataset", str(synth_root), "--category",
+                                      CATEGORY, "--out", str(tmp_path / "runs"), "--device", "cpu",
+                                      "--set", "size=48", "--set", "n_features=20"])
+    assert result.exit_code == 0, result.output  # --set size alone is the size
+    assert json.loads((tmp_path / "runs" / CATEGORY / "run.json").read_text())["size"] == 48
+    monkeypatch.setenv("RANK", "1")  # torchrun: only rank 0 writes
+    assert runner.predict(tmp_path / "runs", synth_root, tmp_path / "pred") == tmp_path / "pred"
+    assert not (tmp_path / "pred").exists()

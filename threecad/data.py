@@ -131,9 +131,23 @@ def load_sample(
         mask = np.zeros((height, width), dtype=bool)
     tw, th = target_size(width, height, size, resize)
     if (tw, th) != (width, height):
-        image = np.asarray(Image.fromarray(image).resize((tw, th), Image.BILINEAR))
         mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((tw, th), Image.NEAREST)) > 127
-    return normalize_exposure(image, exposure), mask
+    return prepare_image(image, size, resize, exposure), mask
+
+
+def prepare_image(
+    image: np.ndarray, size: int | None = 256, resize: ResizeMode = "squash", exposure: ExposureMode = "raw"
+) -> np.ndarray:
+    """A uint8 RGB image (HxWx3) resized to :func:`target_size` (bilinear), then ``exposure`` applied.
+
+    What every loaded image goes through (:func:`load_sample`), and what a saved method applies to
+    the images handed to its ``predict`` (:mod:`threecad.methods`): one implementation of both.
+    """
+    height, width = image.shape[:2]
+    tw, th = target_size(width, height, size, resize)
+    if (tw, th) != (width, height):
+        image = np.asarray(Image.fromarray(image).resize((tw, th), Image.BILINEAR))
+    return normalize_exposure(image, exposure)
 
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")

@@ -1,10 +1,16 @@
 """Train and predict runners: run folders in, submission-layout maps out.
 
 ``train`` writes one run folder per category, ``<out>/<Category>/`` holding the saved method
-(``config.json`` + ``weights.pt``) and ``run.json`` (dataset, category, image size and resize mode,
-seed, timings). ``predict`` reads a run folder (or a folder of them), scores the test split of the
-same category, and writes ``<out>/<Category>/test/<defect>/<stem>.tiff`` at each image's native size
-plus ``<out>/scores.csv``, which is exactly what ``3cad evaluate`` reads.
+(``config.json`` + ``weights.pt``; its configuration includes the input options ``size``, ``resize``
+and ``exposure``, see :data:`threecad.methods.INPUT_OPTIONS`) and ``run.json`` (dataset, category,
+the same input settings as a record, seed, timings). ``predict`` reads a run folder (or a folder of
+them), scores the test split of the same category at the method's own input settings, and writes
+``<out>/<Category>/test/<defect>/<stem>.tiff`` at each image's native size plus
+``<out>/scores.csv``, which is exactly what ``3cad evaluate`` reads. The maps are those
+``load_method(run).predict(images)`` returns for the same images.
+
+Under ``torchrun`` every rank takes part in ``train`` (the methods' fits are distributed) and only
+rank 0 writes; ``predict`` runs on rank 0 alone.
 
 The test split is never opened while training; validation images (``validation/good``) are passed
 to methods that use them. ``predict`` reads test images only, never their ground-truth masks.
@@ -34,10 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from baselines.base import CONFIG_FILE, Method, build, get_method, load_method
-from baselines.batching import iter_batches
 from threecad import __version__
 from threecad.catalog import resolve_categories
 from threecad.data import AnomalyDataset, check_exposure
@@ -46,10 +49,15 @@ from threecad.errors import ThreecadError, located
 from threecad.io import check_output_dir, image_size, staged_dir, write_json
 from threecad.layout import list_categories, list_samples
 from threecad.maps import SCORES_FILE, map_relpath, write_map, write_scores
+from threecad.methods.batching import iter_batches
+from threecad.methods.inputs import native_size_maps
+from threecad.methods.method import CONFIG_FILE, INPUT_OPTIONS, RUN_FILE, Method
+from threecad.methods.registry import build, get_method, load_method
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
+#: The runner's input settings when neither the call nor the method's options give them.
+DEFAULT_INPUTS = {"size": 256, "resize": "squash", "exposure": "raw"}
 
 
 def seed_everything(seed: int) -> None:
@@ -100,6 +108,20 @@ def _method_config(method: str, config: dict[str, Any] | None, device: str, seed
     return merged
 
 
+def _input_options(options: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The input options the method is built with: ``size``/``resize``/``exposure`` given to
+    :func:`train` (``--size``...), else in ``config`` (``--set size=...``), else :data:`DEFAULT_INPUTS`.
+    Both, with different values, is an error: which one was meant is not known."""
+    merged = dict(options)
+    for key in INPUT_OPTIONS:
+        value = given.get(key)
+        if value is not None and key in merged and merged[key] != value:
+            raise ThreecadError(f"{key} is given twice ({merged[key]!r} as an option, {value!r} as --{key}); "
+                                f"give it once, as --{key}")
+        merged[key] = value if value is not None else merged.get(key, DEFAULT_INPUTS[key])
+    return merged
+
+
 def _effective_seed(method: str, options: dict[str, Any], seed: int | None) -> int:
     if "seed" in options:
         return int(options["seed"])
@@ -115,12 +137,12 @@ def train(
     categories: Sequence[str] | str | None = None,
     out: str | Path | None = None,
     device: str = "auto",
-    size: int = 256,
-    resize: str = "squash",
+    size: int | None = None,
+    resize: str | None = None,
     seed: int | None = None,
     config: dict[str, Any] | None = None,
     validation: bool | str = "auto",
-    exposure: str = "raw",
+    exposure: str | None = None,
     overwrite: bool = False,
 ) -> list[Path]:
     """Fit ``method`` on the ``train/good`` images of each category; returns the run folders.
@@ -129,31 +151,33 @@ def train(
     it is replaced only once every category is fitted (see the module docstring). ``categories``:
     folder names, 3CAD codes or aliases, or ``"all"`` (:func:`threecad.catalog.resolve_categories`).
     ``validation``: ``"auto"`` passes ``validation/good`` to the method when the dataset has it,
-    ``True`` requires it, ``False`` never passes it. ``exposure``: ``"mean"`` normalises each
-    image's mean intensity (:func:`threecad.data.normalize_exposure`); it is recorded in
-    ``run.json`` and applied again by :func:`predict`.
+    ``True`` requires it, ``False`` never passes it. ``size``, ``resize`` and ``exposure`` are the
+    method's input options (``None``: the value in ``config``, else 256, ``"squash"``, ``"raw"``);
+    ``exposure="mean"`` normalises each image's mean intensity
+    (:func:`threecad.data.normalize_exposure`). They are saved with the method, recorded in
+    ``run.json``, and applied again by :func:`predict` and by the loaded method's ``predict``.
     """
     dataset = Path(dataset)
-    check_exposure(exposure)
+    if exposure is not None:
+        check_exposure(exposure)
     cats = resolve_categories(list_categories(dataset), categories, dataset)
     out = Path(out) if out is not None else Path("runs") / method
     check_output_dir(out, overwrite)
     _refuse_inputs_inside(out, {"dataset": dataset})
     resolve_device(device)  # a missing GPU is reported before any work
-    options = _method_config(method, config, device, seed)
+    options = _input_options(_method_config(method, config, device, seed),
+                             {"size": size, "resize": resize, "exposure": exposure})
     seed = _effective_seed(method, options, seed)
     build(method, **options)  # unknown or out-of-range options fail here, before any category is trained
     checkpoints = _checkpoint_dir(out)
     if not _is_main_process():  # torchrun: this rank takes part in every fit; rank 0 writes
-        _train_categories(method, dataset, cats, options, seed, None, checkpoints, size, resize, validation,
-                          exposure, device)
+        _train_categories(method, dataset, cats, options, seed, None, checkpoints, validation, device)
         return [out / category for category in cats]
     if not options.get("resume"):
         shutil.rmtree(checkpoints, ignore_errors=True)  # a fresh run never inherits another run's artefacts
     try:
         with staged_dir(out) as stage:
-            _train_categories(method, dataset, cats, options, seed, stage, checkpoints, size, resize, validation,
-                              exposure, device)
+            _train_categories(method, dataset, cats, options, seed, stage, checkpoints, validation, device)
             for category in cats:
                 _move_work_files(checkpoints / category, stage / category)
     except BaseException:
@@ -167,22 +191,23 @@ def train(
 
 
 def _train_categories(method: str, dataset: Path, cats: list[str], options: dict[str, Any], seed: int,
-                      stage: Path | None, checkpoints: Path, size: int, resize: str, validation: bool | str,
-                      exposure: str, device: str) -> None:
+                      stage: Path | None, checkpoints: Path, validation: bool | str, device: str) -> None:
     """Fit and save each category into ``stage/<Category>`` (``None``: fit only, another rank writes)."""
     for category in cats:
         seed_everything(seed)
         start = time.perf_counter()
-        train_set = AnomalyDataset(dataset, category, "train", size=size, resize=resize, exposure=exposure)
+        model = build(method, **options)
+        inputs = model.input_settings()  # the datasets are loaded as the method will see images
+        train_set = AnomalyDataset(dataset, category, "train", **inputs)
         val_set = None
         has_val = bool(list_samples(dataset, category, "validation"))
         if validation is True and not has_val:
             raise ThreecadError(f"no validation/good images for category {category!r}", dataset / category)
         if validation and has_val:
-            val_set = AnomalyDataset(dataset, category, "validation", size=size, resize=resize, exposure=exposure)
-        model = build(method, **options)
+            val_set = AnomalyDataset(dataset, category, "validation", **inputs)
         model.work_dir = checkpoints / category
-        log.info("training %s on %s (%d images, %s %d)", method, category, len(train_set), resize, size)
+        log.info("training %s on %s (%d images, %s %s, exposure %s)", method, category, len(train_set),
+                 inputs["resize"], inputs["size"], inputs["exposure"])
         fit_start = time.perf_counter()
         model.fit(train_set, val_set)
         fit_s = time.perf_counter() - fit_start
@@ -194,9 +219,7 @@ def _train_categories(method: str, dataset: Path, cats: list[str], options: dict
             "method": method,
             "dataset": str(dataset.resolve()),
             "category": category,
-            "size": size,
-            "resize": resize,
-            "exposure": exposure,
+            **inputs,  # a record: the method's own config.json holds what predict uses
             "seed": seed,
             "device": str(resolve_device(device)),
             "train_images": len(train_set),
@@ -226,18 +249,6 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         raise ThreecadError(f"unreadable {RUN_FILE} ({exc})", run_dir) from None
 
 
-def native_size_maps(maps: np.ndarray, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Each (h, w) map resized (bilinear) back to its image's native (width, height)."""
-    out = []
-    tensor = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
-    for i, (width, height) in enumerate(sizes):
-        m = tensor[i]
-        if tuple(m.shape) != (height, width):
-            m = F.interpolate(m[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-        out.append(m.numpy())
-    return out
-
-
 def predict(
     run: str | Path,
     dataset: str | Path,
@@ -255,15 +266,21 @@ def predict(
     training again; an option the method lacks, a value out of range or a fit-time option
     (``coreset_ratio``, ``backbone``) is an error naming the run, before any map is written.
 
-    Images are fed at the run's size, resize mode and exposure mode; maps are resized back to each
-    image's native size. Only images are read: a defective test image whose ground-truth mask is
-    missing still gets its map (``evaluate`` is where masks are needed). ``out`` holds exactly this
-    prediction: a non-empty ``out`` is refused unless ``overwrite``, and it is replaced only once
-    every map and ``scores.csv`` (category, path below the category, score) are written.
+    Images are fed at the method's input settings (its saved ``size``, ``resize``, ``exposure``;
+    runs saved before those were options take them from ``run.json``); maps are resized back to
+    each image's native size, exactly as ``load_method(run).predict`` returns them. Under
+    ``torchrun`` only rank 0 predicts (the others return at once). Only images are read: a defective
+    test image whose ground-truth mask is missing still gets its map (``evaluate`` is where masks
+    are needed). ``out`` holds exactly this prediction: a non-empty ``out`` is refused unless
+    ``overwrite``, and it is replaced only once every map and ``scores.csv`` (category, path below
+    the category, score) are written.
     """
     if dtype not in ("float16", "float32"):
         raise ThreecadError(f"--dtype must be float16 or float32, not {dtype}")
     dataset, out = Path(dataset), Path(out)
+    if not _is_main_process():  # torchrun: prediction is not distributed; rank 0 writes everything
+        log.info("predict: rank %s leaves the prediction to rank 0", os.environ.get("RANK"))
+        return out
     runs = find_runs(run)
     check_output_dir(out, overwrite)
     _refuse_inputs_inside(out, {"dataset": dataset, **{f"run {r}": r for r in runs}})
@@ -293,14 +310,13 @@ def predict(
             samples = list_samples(dataset, category, "test")
             # Images only: masks are the evaluator's business, so the loader is handed the samples
             # without them (label 0 tells it not to look for one); maps are named from the real ones.
-            test_set = AnomalyDataset(dataset, category, "test", size=info["size"], resize=info["resize"],
-                                      exposure=info.get("exposure", "raw"),
+            test_set = AnomalyDataset(dataset, category, "test", **method.input_settings(),
                                       samples=[replace(s, mask_path=None, label=0) for s in samples])
             by_path = {str(s.image_path): s for s in samples}
             start = time.perf_counter()
             for images, items in iter_batches(test_set, batch_size, desc=f"predict {category}"):
-                with located(run_dir):  # e.g. an override the fitted method does not match: name the run
-                    scores, maps = method.predict(images)
+                with located(run_dir), torch.no_grad():  # e.g. an override the fitted method does not match
+                    scores, maps = method.predict_batch(images)
                 chosen = [by_path[item["path"]] for item in items]
                 native = native_size_maps(maps, [image_size(s.image_path) for s in chosen])
                 for sample, score, amap in zip(chosen, scores, native):

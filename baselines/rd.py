@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from threecad.backbones.registry import canonical_name
+from threecad.backbones.resnet import init_like_torchvision
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
 from threecad.methods import Method, Option, register
@@ -41,7 +42,6 @@ from threecad.methods.blocks import (
     build_teacher,
     cosine_distance_map,
     flattened_cosine_loss,
-    init_like_resnet,
 )
 from threecad.methods.training import TrainSettings
 from threecad.methods.training import fit as engine_fit
@@ -107,8 +107,8 @@ class RDNet(nn.Module):
             widths = [max(c // 2, f) for c, f in zip(reversed(channels), decoder_floors)]
         self.ocbe = OCBE(channels, width=width, out_channels=embedding)
         self.decoder = Decoder(channels, self.ocbe.out_channels, signed=teacher.signed, widths=widths)
-        init_like_resnet(self.ocbe)
-        init_like_resnet(self.decoder)
+        init_like_torchvision(self.ocbe)
+        init_like_torchvision(self.decoder)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         modules = {"ocbe": self.ocbe, "decoder": self.decoder}

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from threecad.progress import set_progress
 from threecad.synth.dataset import SynthDatasetConfig, make_synthetic_dataset
@@ -34,3 +35,19 @@ def magnetic_tile() -> Path:
     if not MAGNETIC_TILE.is_dir():
         pytest.skip(f"../shared magnetic tile data not present at {MAGNETIC_TILE}")
     return MAGNETIC_TILE
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core runner, two threads per process oversubscribe badly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def lite_teacher():
+    from threecad.methods.blocks import Teacher
+
+    return Teacher("efficientnet_lite0")

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
+from smooth_images import SmoothImages
 
 from cfrg.infer import anomaly_maps
 from cfrg.losses import cfrg_losses, distillation_loss, recovery_loss, segmentation_loss
@@ -25,36 +25,7 @@ from cfrg.train import CHECKPOINT_FILE, TrainConfig, collate, make_optimizer, ma
 from threecad.anomalies import SyntheticAnomalyDataset
 from threecad.errors import ThreecadError
 
-
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, n: int = 6, size: int = 64, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        base = torch.rand(3, size // 8, size // 8, generator=g)
-        self.images = [
-            (F.interpolate(base[None], size=(size, size), mode="bilinear")[0] * 0.6 + 0.2
-             + 0.05 * torch.rand(3, size, size, generator=g)).clamp(0, 1)
-            for _ in range(n)
-        ]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"image": self.images[index], "path": f"{index}.png", "category": "c"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core runner, two threads per process oversubscribe badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def lite_teacher() -> Teacher:
-    return Teacher("efficientnet_lite0")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lite_net(teacher: Teacher, seed: int = 0) -> CFRGNet:
@@ -249,10 +220,10 @@ def test_the_engine_runs_the_loop_cfrg_had_before_it(lite_teacher):
 
     config = TrainConfig(epochs=2, batch_size=2, seed=11)
     engine_net = _lite_net(lite_teacher, seed=11)
-    history = train(engine_net, SyntheticAnomalyDataset(_Images(4), seed=11), config, torch.device("cpu"))
+    history = train(engine_net, SyntheticAnomalyDataset(SmoothImages(4), seed=11), config, torch.device("cpu"))
 
     net = _lite_net(lite_teacher, seed=11).to(memory_format=torch.channels_last)
-    data = SyntheticAnomalyDataset(_Images(4), seed=11)
+    data = SyntheticAnomalyDataset(SmoothImages(4), seed=11)
     optimizer = make_optimizer(net, config)
     scheduler = make_scheduler(optimizer, config)
     seed_all(11)
@@ -283,7 +254,7 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(lite_teacher, tmp_pat
 
     def run(work_dir: Path, stop_after=None, resume=False):
         net = _lite_net(lite_teacher, seed=11)
-        data = SyntheticAnomalyDataset(_Images(4), seed=11)
+        data = SyntheticAnomalyDataset(SmoothImages(4), seed=11)
         history = train(net, data, config, torch.device("cpu"), work_dir, resume=resume, stop_after=stop_after,
                         fingerprint={"clean_probability": 0.0})
         return history, net.trainable_state_dict()
@@ -300,12 +271,12 @@ def test_resume_reproduces_the_uninterrupted_loss_sequence(lite_teacher, tmp_pat
     # Resuming with other settings would silently mix two runs: refused, checkpoint untouched.
     before = (tmp_path / "split" / CHECKPOINT_FILE).read_bytes()
     with pytest.raises(ThreecadError, match="lr: 0.0005 -> 0.001"):
-        train(_lite_net(lite_teacher, seed=11), SyntheticAnomalyDataset(_Images(4), seed=11),
+        train(_lite_net(lite_teacher, seed=11), SyntheticAnomalyDataset(SmoothImages(4), seed=11),
               TrainConfig(epochs=3, batch_size=2, seed=11, lr=1e-3), torch.device("cpu"), tmp_path / "split",
               resume=True, fingerprint={"clean_probability": 0.0})
     # ... and so would other synthesis or teacher options (the method's fingerprint)
     with pytest.raises(ThreecadError, match="clean_probability: 0.0 -> 0.5"):
-        train(_lite_net(lite_teacher, seed=11), SyntheticAnomalyDataset(_Images(4), seed=11), config,
+        train(_lite_net(lite_teacher, seed=11), SyntheticAnomalyDataset(SmoothImages(4), seed=11), config,
               torch.device("cpu"), tmp_path / "split", resume=True, fingerprint={"clean_probability": 0.5})
     assert (tmp_path / "split" / CHECKPOINT_FILE).read_bytes() == before
 
@@ -318,7 +289,7 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 
     teacher = Teacher("efficientnet_lite0")
     net = _lite_net(teacher, seed=3)
-    data = SyntheticAnomalyDataset(_Images(6), seed=3)
+    data = SyntheticAnomalyDataset(SmoothImages(6), seed=3)
     history = train(net, data, TrainConfig(epochs=1, batch_size=4, seed=3), torch.device("cpu"),
                     Path(out) / "run")
     flat = torch.cat([p.detach().flatten() for p in net.parameters() if p.requires_grad])
@@ -346,7 +317,7 @@ def test_method_predict_shapes_save_and_load(tmp_path):
 
     method = build("cfrg", epochs=1, batch_size=3, size=64, device="cpu", teacher="efficientnet_lite0", seed=1)
     method.work_dir = tmp_path / "work"
-    method.fit(_Images(6), _Images(2, seed=5))
+    method.fit(SmoothImages(6), SmoothImages(2, seed=5))
     assert (tmp_path / "work" / "checkpoint.pt").is_file()
     assert "val_loss" in method.history_[0]
     images = torch.rand(3, 3, 80, 96)

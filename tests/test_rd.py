@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
+from smooth_images import SmoothImages
 
 from baselines.rd import (
     RD,
@@ -42,37 +43,7 @@ from threecad.postprocess import gaussian_blur, top_fraction_mean, upsample_maps
 WRN50_CHANNELS = (256, 512, 1024)
 
 
-class _Images(torch.utils.data.Dataset):
-    """Smooth random colour fields plus a little noise: a stand-in for a normal texture."""
-
-    def __init__(self, n: int = 8, size: int = 64, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        base = torch.rand(3, size // 8, size // 8, generator=g)
-        self.images = [
-            (F.interpolate(base[None], size=(size, size), mode="bilinear")[0] * 0.6 + 0.2
-             + 0.05 * torch.rand(3, size, size, generator=g)).clamp(0, 1)
-            for _ in range(n)
-        ]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"image": self.images[index], "path": f"{index}.png", "category": "c"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core runner, two threads per process oversubscribe badly."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def lite_teacher() -> Teacher:
-    return Teacher("efficientnet_lite0")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +56,7 @@ def fitted(tmp_path_factory) -> dict:
         models = {}
         for name in ("rd", "rdpp"):
             extra = {"accumulate": 1} if name == "rdpp" else {}
-            models[name] = build(name, epochs=3, batch_size=4, device="cpu", seed=0, **extra).fit(_Images())
+            models[name] = build(name, epochs=3, batch_size=4, device="cpu", seed=0, **extra).fit(SmoothImages())
     return models
 
 
@@ -219,7 +190,7 @@ def test_map_equals_brute_force_cosine_distance_then_scipy(fitted):
         np.testing.assert_allclose(got[b], expected, rtol=1e-5, atol=1e-6)
 
     model = fitted["rd"]
-    images = torch.stack([_Images(2, seed=7)[i]["image"] for i in range(2)])
+    images = torch.stack([SmoothImages(2, seed=7)[i]["image"] for i in range(2)])
     scores, maps = model.predict_batch(images)
     assert scores.shape == (2,) and maps.shape == (2, 64, 64) and maps.dtype == np.float32
     with torch.no_grad():
@@ -298,7 +269,7 @@ def test_tiny_fits_lower_their_loss_and_only_train_ocbe_decoder_projections(lite
         net = model._build()
         encoder_before = {k: v.clone() for k, v in net.teacher.state_dict().items()}
         ocbe_before = {k: v.clone() for k, v in net.ocbe.state_dict().items()}
-        model.fit(_Images(8))
+        model.fit(SmoothImages(8))
         losses = [row["loss"] for row in model.history_]
         assert len(losses) == 4 and losses[-1] < losses[0], (cls.name, losses)
         assert all(torch.equal(v, net.teacher.state_dict()[k]) for k, v in encoder_before.items())
@@ -315,7 +286,7 @@ def test_tiny_fits_lower_their_loss_and_only_train_ocbe_decoder_projections(lite
 def test_fit_refuses_image_sides_not_divisible_by_32():
     model = RD(encoder="efficientnet_lite0", epochs=1, batch_size=2, device="cpu")
     with pytest.raises(ThreecadError, match="divisible by 32"):
-        model.fit(_Images(2, size=48))
+        model.fit(SmoothImages(2, size=48))
 
 
 # ------------------------------------------------------------------------------------------ options, saving
@@ -341,7 +312,7 @@ def test_registered_and_options_checked():
 
 
 def test_save_load_round_trip_gives_identical_maps_and_records_the_encoder(fitted, tmp_path):
-    images = torch.stack([_Images(3, seed=11)[i]["image"] for i in range(3)])
+    images = torch.stack([SmoothImages(3, seed=11)[i]["image"] for i in range(3)])
     for name, model in fitted.items():
         assert model.encoder == "wide_resnet50_2"  # the option is never rewritten ...
         run = model.save(tmp_path / name)

@@ -19,6 +19,18 @@ def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
 
 
+
+def init_like_torchvision(module: nn.Module) -> None:
+    """torchvision's ResNet initialisation: kaiming-normal (fan_out, ReLU) for every ``Conv2d``,
+    BatchNorm weight 1 and bias 0. ``ConvTranspose2d`` is not a ``Conv2d`` and keeps PyTorch's
+    default (the official RD code initialises its decoder with this same loop)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -82,13 +94,7 @@ class ResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(512 * block.expansion, num_classes)
         self._out_channels = [64 * (2**i) * block.expansion for i in range(4)]
-        # torchvision's initialisation, so "random" weights match what a torchvision user gets.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_like_torchvision(self)  # so "random" weights match what a torchvision user gets
 
     def _make_layer(self, block, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:
         downsample = None

@@ -191,18 +191,6 @@ class Decoder(nn.Module):
         return out[::-1]
 
 
-def init_like_resnet(module: nn.Module) -> None:
-    """The official RD initialisation of OCBE and decoder: kaiming-normal (fan_out, ReLU) for the
-    ``Conv2d`` layers, BatchNorm weight 1 and bias 0; transposed convs keep PyTorch's default (the
-    official loop tests ``isinstance(m, nn.Conv2d)``, which a ``ConvTranspose2d`` is not)."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 # --------------------------------------------------------------------------------------------- loss and map
 def flattened_cosine_loss(targets: Sequence[torch.Tensor], outputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """RD's distillation loss: per level and sample, ``1 - cos`` of the whole flattened ``C*H*W``

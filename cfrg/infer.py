@@ -1,4 +1,4 @@
-"""Anomaly maps and image scores from CFRG outputs (``../shared/reference/cfrg.md`` section 6).
+"""Anomaly maps and image scores from CFRG outputs (as the official CFRG code computes them).
 
 Official combination (the default, ``terms=("recovery", "segmentation")``): the sum over the three
 levels of ``1 - cos(T, R)`` upsampled bilinearly (``align_corners=True``) to the input size, plus

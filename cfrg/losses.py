@@ -1,4 +1,4 @@
-"""CFRG's three training losses (``../shared/reference/cfrg.md`` section 4).
+"""CFRG's three training losses, as the official CFRG code defines them.
 
 * ``distillation_loss`` (L_dis): per level, the per-pixel distance ``1 - cos(T, S)`` upsampled
   (bilinear, ``align_corners=False``) to the mask grid; normal pixels pull the distance to 0,

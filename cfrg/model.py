@@ -1,6 +1,6 @@
 """The CFRG network: frozen teacher, student + adapters, recovery (OCBE + reverse decoder), U-Net head.
 
-Written from the module descriptions in ``../shared/reference/cfrg.md`` (section 3). Modules that the
+Written from the module descriptions of the official CFRG/3CAD code. Modules that the
 official code builds but never uses are not built here: teacher layer4/fc, student blocks 11-15 and
 head, the OCBE ``conv4``/``bn4``. All widths derive from the teacher's three tap widths
 ``(c1, c2, c3)``, so the paper configuration (WideResNet-50-2: 256, 512, 1024) and the offline one

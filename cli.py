@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a user error (one line on stderr; ``--debug`` shows the
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -29,6 +30,21 @@ def _parse_size(text: str) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
+def _print_with_causes(exc: BaseException) -> None:
+    """The traceback of ``exc`` with every exception it was raised from or while handling.
+
+    The library raises its one-line errors ``from None`` so that a user sees only that line;
+    ``--debug`` is for finding the cause, so the suppressed context is printed here as well.
+    """
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        link.__suppress_context__ = False
+        link = link.__cause__ or link.__context__
+    traceback.print_exception(exc)
+
+
 class _Cli(click.Group):
     """Turns any exception raised by a command into one line and exit code 1 (unless --debug)."""
 
@@ -42,7 +58,7 @@ class _Cli(click.Group):
             sys.exit(130)
         except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
             if ctx.meta.get("threecad.debug"):
-                traceback.print_exc()
+                _print_with_causes(exc)
             if isinstance(exc, ThreecadError):
                 message = str(exc)
             else:
@@ -60,9 +76,12 @@ class _Cli(click.Group):
 def cli(ctx: click.Context, debug: bool, quiet: bool, verbose: bool) -> None:
     """threecad: data toolkit, methods and leaderboard for 3CAD-style anomaly detection."""
     ctx.meta["threecad.debug"] = debug
-    configure_logging(-1 if quiet else (1 if verbose else 0))
-    if quiet:
+    follower = int(os.environ.get("RANK", "0")) != 0  # torchrun: rank 0 reports, the others only work
+    configure_logging(-1 if quiet or follower else (1 if verbose else 0))
+    if quiet or follower:
         set_progress(False)
+    if follower:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process; errors stay on stderr
 
 
 # --------------------------------------------------------------------------- synth
@@ -295,12 +314,16 @@ def _parse_set(pairs: tuple[str, ...]) -> dict:
 
 @cli.command("methods")
 def methods_command() -> None:
-    """List the methods that train/predict can build."""
+    """List the methods that train/predict can build, their default input settings and tuning grid."""
     from threecad.methods import available, get_method
 
     for name in available():
         try:
-            doc = (get_method(name).__doc__ or "").strip().splitlines()[0]
+            cls = get_method(name)
+            doc = (cls.__doc__ or "").strip().splitlines()[0]
+            inputs = ", ".join(f"{k}={v}" for k, v in cls.input_defaults().items() if v is not None)
+            grid = "; ".join(f"{k}={'|'.join(map(str, v))}" for k, v in cls.TUNE_GRID.items()) or "-"
+            doc += f"\n{'':12s} inputs: {inputs}; tune grid: {grid}"
         except Exception as exc:  # noqa: BLE001 - a broken third-party method must not hide the others
             doc = f"(cannot be loaded: {exc})"
         click.echo(f"{name:12s} {doc}")
@@ -351,6 +374,46 @@ def train_command(method, dataset, categories, out, overwrite, device, size, res
                  config=config, exposure=exposure, overwrite=overwrite)
     for run in runs:
         click.echo(f"wrote {run}")
+
+
+def _parse_grid(pairs: tuple[str, ...]) -> dict:
+    """``KEY=V1,V2,...`` pairs -> {KEY: [V1, V2, ...]}, each value read as by ``--set``."""
+    grid = {}
+    for pair in pairs:
+        key, sep, values = pair.partition("=")
+        if not sep or not key or not values:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE,VALUE,...", param_hint="--grid")
+        grid[key.strip()] = [_parse_set((f"v={v}",))["v"] for v in values.split(",")]
+    return grid
+
+
+@cli.command("tune")
+@click.option("--method", required=True, help="Method name (see `3cad methods`).")
+@click.option("--dataset", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--category", "categories", multiple=True, required=True,
+              help="Category folder, 3CAD code or alias (repeat, or comma-separated), or `all`.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [runs/<method>-tuned].")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the whole run has succeeded).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=None, help="Random seed [the method's default].")
+@click.option("--grid", "grid_pairs", multiple=True, metavar="KEY=V1,V2",
+              help="Candidate values of an option, replacing the method's declared grid (repeatable).")
+@click.option("--kinds", default=None, help="Synthetic anomaly kinds of the validation set, comma-separated "
+              "[painted,texture,dark,edge,shade].")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="A fixed method option (repeatable); it leaves the grid.")
+def tune_command(method, dataset, categories, out, overwrite, device, seed, grid_pairs, kinds, settings) -> None:
+    """Choose a method's settings on the validation split (never the test) and keep the chosen fit."""
+    from threecad.methods.tuning import KINDS, TUNING_FILE, tune
+
+    runs = tune(method, dataset, _names(categories), out=out, grid=_parse_grid(grid_pairs) if grid_pairs else None,
+                device=device, seed=seed, config=_parse_set(settings), overwrite=overwrite,
+                kinds=tuple(k.strip() for k in kinds.split(",")) if kinds else KINDS)
+    for run in runs:
+        import json
+
+        chosen = json.loads((run / TUNING_FILE).read_text())["chosen"]
+        click.echo(f"wrote {run}: {', '.join(f'{k}={v}' for k, v in chosen.items()) or 'defaults'}")
 
 
 @cli.command("predict")

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from threecad.postprocess import gaussian_blur, gaussian_kernel1d, top_fraction_mean, upsample_maps
 
-__all__ = ["combine_stages", "gaussian_blur", "gaussian_kernel1d", "local_aggregate", "top_fraction_mean",
-           "upsample_maps"]
+__all__ = ["combine_stages", "gaussian_blur", "gaussian_kernel1d", "local_aggregate", "local_brightness",
+           "top_fraction_mean", "upsample_maps", "with_brightness"]
 
 
 def local_aggregate(feature: torch.Tensor, kernel: int = 3) -> torch.Tensor:
@@ -30,21 +30,32 @@ def local_aggregate(feature: torch.Tensor, kernel: int = 3) -> torch.Tensor:
     return F.avg_pool2d(feature, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
 
 
-def combine_stages(features: list[torch.Tensor], kernel: int = 3, balance: bool = False) -> torch.Tensor:
-    """Aggregate each stage, upsample all to the first (finest) stage's grid, concatenate channels.
-
-    With ``balance``, each stage is scaled by ``1 / sqrt(channels)`` so that every stage adds the mean
-    (not the sum) of its squared channel differences to a Euclidean distance. The PatchCore paper gets
-    the same weighting by pooling every layer to one common dimension before stacking them; without
-    it the widest stage (usually the deepest, coarsest one) dominates the distance.
-    """
+def combine_stages(features: list[torch.Tensor], kernel: int = 3) -> torch.Tensor:
+    """Aggregate each stage, upsample all to the first (finest) stage's grid, concatenate channels."""
     size = features[0].shape[-2:]
     out = []
     for feature in features:
         feature = local_aggregate(feature, kernel)
-        if balance:
-            feature = feature / feature.shape[1] ** 0.5
         if feature.shape[-2:] != size:
             feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
         out.append(feature)
     return torch.cat(out, 1)
+
+
+def local_brightness(images: torch.Tensor, grid: tuple[int, int], kernel: int = 3) -> torch.Tensor:
+    """(B, 1, h, w) mean grey level of ``images`` (B, 3, H, W) over each cell of an ``h x w`` grid,
+    then over the same ``kernel x kernel`` neighbourhood as the deep features (:func:`local_aggregate`)."""
+    grey = F.adaptive_avg_pool2d(images.float().mean(1, keepdim=True), grid)
+    return local_aggregate(grey, kernel)
+
+
+def with_brightness(features: torch.Tensor, images: torch.Tensor, weight: float, kernel: int = 3) -> torch.Tensor:
+    """Patch features (B, C, h, w) with one more channel, ``weight`` times :func:`local_brightness`.
+
+    Deep features barely change under a gentle change of brightness, so the inside of a large,
+    faint defect (uneven grinding, a worn area, a stain) looks normal and only its rim stands out;
+    with this channel a patch's nearest normal patch must match both texture and brightness.
+    ``weight`` sets how much a grey-level difference counts against a feature distance.
+    """
+    grey = local_brightness(images, tuple(features.shape[-2:]), kernel).to(features.device, features.dtype)
+    return torch.cat([features, weight * grey], dim=1)

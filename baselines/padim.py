@@ -61,6 +61,9 @@ class PaDiM(Method):
     """
 
     name = "padim"
+    #: ``3cad tune``: one Gaussian per position needs one input shape (no aspect resize); the
+    #: exposure normalisation and the image score are what a dataset may call for.
+    TUNE_GRID = {"exposure": ("raw", "mean"), "topk": (0.0, 0.03)}
     #: The Gaussians depend on everything but the map smoothing, the image score and run-time settings.
     OPTIONS = {
         "backbone": Option(str),

@@ -34,10 +34,12 @@ from threecad.backbones.resnet import init_like_torchvision
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
 from threecad.methods import Method, Option, register
+from threecad.methods.batching import train_subset
 from threecad.methods.blocks import (
     OCBE,
     PAPER_TEACHER,
     Decoder,
+    FrozenPartNet,
     Teacher,
     build_teacher,
     cosine_distance_map,
@@ -82,7 +84,7 @@ class ProjectionLayer(nn.Sequential):
         super().__init__(*layers)
 
 
-class RDNet(nn.Module):
+class RDNet(FrozenPartNet):
     """Frozen encoder, optional RD++ projections, OCBE and reverse decoder.
 
     ``forward(images)`` returns ``encoder`` (the three tap features) and ``decoded`` (the decoder's
@@ -115,21 +117,6 @@ class RDNet(nn.Module):
         if self.projection is not None:
             modules["projection"] = self.projection
         return modules
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything except the frozen encoder (rebuilt from its weight file)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        try:
-            missing, unexpected = self.load_state_dict(state, strict=False)
-        except RuntimeError as exc:
-            raise ThreecadError(f"the weights do not fit the network ({str(exc).splitlines()[-1].strip()}); "
-                                "was the run trained with another encoder?") from None
-        missing = [k for k in missing if not k.startswith("teacher.")]
-        if missing or unexpected:
-            raise ThreecadError(f"the weights do not fit the network (missing {missing[:3]}, unexpected "
-                                f"{unexpected[:3]}); was the run trained with another encoder or method?")
 
     def _project(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
         return [p(f) for p, f in zip(self.projection, feats)]
@@ -342,6 +329,8 @@ class RD(Method):
     name = "rd"
     #: Inference options: smoothing, image score, device. Everything else shaped the fitted network.
     OPTIONS = dict(_COMMON_OPTIONS)
+    #: ``3cad tune``: the image score, scored on one trained network (a fit costs the most).
+    TUNE_GRID = {"topk": (0.0, 0.01)}
     #: RD++ sets this: projection layers and the noise-patch losses.
     projections = False
 
@@ -430,13 +419,6 @@ class RD(Method):
         module.load_trainable_state_dict(state)
 
     # ------------------------------------------------------------------ fit
-    def _subset(self, data: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
-        if self.train_images <= 0 or self.train_images >= len(data):
-            return data
-        rng = np.random.default_rng(self.seed)
-        keep = sorted(rng.choice(len(data), size=self.train_images, replace=False).tolist())
-        return torch.utils.data.Subset(data, keep)
-
     def _training_data(self, data: torch.utils.data.Dataset, shape: tuple[int, int], offset: int = 0):
         return data
 
@@ -456,7 +438,7 @@ class RD(Method):
             raise ThreecadError(f"{self.name} needs image sides divisible by 32 (the bottleneck is at stride 32), got "
                                 f"{shape[1]}x{shape[0]}; use --resize squash --size 256 (or 128, 320 ...)")
         net = self._build()
-        base = self._subset(train_set)
+        base = train_subset(train_set, self.train_images, self.seed)
         data = self._training_data(base, shape)
         validation = self._training_data(val_set, shape, offset=1) if val_set is not None and len(val_set) else None
         settings = TrainSettings(epochs=self.epochs, batch_size=self._engine_batch(), seed=self.seed, amp=self.amp,

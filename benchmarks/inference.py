@@ -5,7 +5,10 @@ configuration (``SMALL_CONFIG``), then time ``predict`` on 256x256 images at bat
 (images/s, maps returned to the CPU as numpy, so the timing covers everything a user waits for).
 The bare backbone forward pass (normalisation + features up to the deepest tapped layer) on the same
 images is timed too; ``overhead`` = backbone images/s / method images/s (1.0 = no cost beyond the
-backbone).
+backbone). For a method with a trained network, ``NETWORK_FORWARD`` names its bare forward (the
+network's ``forward`` on a batch already on the device, no map post-processing, no copy back), and
+``net_overhead`` = network images/s / method images/s: what ``predict`` adds to the network
+(goal <= 1.3 for RD and RD++).
 
     python benchmarks/inference.py [--device cpu|cuda|auto] [--batch-sizes 1 16] [--json out.json]
 """
@@ -32,6 +35,22 @@ SMALL_CONFIG: dict[str, dict] = {
     "patchcore": {"coreset_ratio": 0.1},
     "padim": {},
     "cfrg": {"epochs": 1},
+    "rd": {"epochs": 1},
+    "rdpp": {"epochs": 1},
+    "draem": {"epochs": 1, "batch_size": 2, "train_images": 2},
+    "destseg": {"student_steps": 1, "seg_steps": 1, "batch_size": 2, "train_images": 2},
+    "fastflow": {"epochs": 1},
+    "simplenet": {"epochs": 1},
+}
+
+#: The bare network forward of a trained method: ``fn(method, images) -> anything``.
+NETWORK_FORWARD = {
+    "rd": lambda method, images: method.net(images),
+    "rdpp": lambda method, images: method.net(images),
+    "draem": lambda method, images: method.net(images),
+    "destseg": lambda method, images: method.net(images),
+    "fastflow": lambda method, images: method.net({"image": images}),
+    "simplenet": lambda method, images: method.net({"image": images}),
 }
 
 
@@ -59,7 +78,11 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=None, help="default: every available method")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}")
     set_progress(False)
     device = resolve_device(args.device)
     torch.manual_seed(0)
@@ -89,12 +112,20 @@ def main() -> None:
                 method_ips = images_per_second(method.predict, batch, device, 1, repeats)
                 backbone_ips = benchmark_forward(extractor, batch, batch_size=batch_size, warmup=1, repeats=repeats)
                 row = {"method": name, "backbone": extractor.name, "device": str(device), "batch": batch_size,
-                       "size": args.size, "method_ips": method_ips, "backbone_ips": backbone_ips,
-                       "overhead": backbone_ips / method_ips}
+                       "size": args.size, "threads": torch.get_num_threads(), "method_ips": method_ips,
+                       "backbone_ips": backbone_ips, "overhead": backbone_ips / method_ips}
+                line = (f"{name:10s} {extractor.name:18s} {device.type:4s} batch {batch_size:3d}: "
+                        f"predict {method_ips:8.1f} img/s  backbone {backbone_ips:8.1f} img/s  "
+                        f"overhead x{row['overhead']:.2f}")
+                if name in NETWORK_FORWARD:
+                    forward = NETWORK_FORWARD[name]
+                    with torch.no_grad():
+                        row["network_ips"] = images_per_second(
+                            lambda x, forward=forward, method=method: forward(method, x), batch, device, 1, repeats)
+                    row["net_overhead"] = row["network_ips"] / method_ips
+                    line += f"  network {row['network_ips']:8.1f} img/s  net_overhead x{row['net_overhead']:.2f}"
                 results.append(row)
-                print(f"{name:10s} {extractor.name:18s} {device.type:4s} batch {batch_size:3d}: "
-                      f"predict {method_ips:8.1f} img/s  backbone {backbone_ips:8.1f} img/s  "
-                      f"overhead x{row['overhead']:.2f}", flush=True)
+                print(line, flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 

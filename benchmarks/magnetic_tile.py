@@ -7,12 +7,13 @@ Usage (after ``3cad data import-folder ... --validation-fraction 0.15``)::
     python benchmarks/magnetic_tile.py DATASET --run RUN_DIR [--variant topk=0.03 --variant ...]
 
 Each configuration is fitted on a seeded subset of ``train/good`` (``--train-images 0``: all of
-them) and scored on the validation set of :func:`baselines.validation.make_validation_set` (each
+them) and scored on the validation set of :func:`threecad.synth.validation.make_validation_set` (each
 ``validation/good`` image unchanged and once per anomaly kind), with the standard metrics at native
 resolution, per kind (that kind's images against all the normals) and over everything. Prints one
 line per configuration and kind, with fit and predict seconds; ``--json`` appends the numbers to a
-JSON-lines file. The reference run is the library default (``pc-squash256``): compare every line
-with it.
+JSON-lines file. PatchCore configurations are named by how they depart from the paper's settings
+(``pc-squash256``, :data:`baselines.patchcore.PAPER_SETTINGS`); ``pc-defaults`` is the library's
+defaults, the validated choice: compare every line with both.
 
 PatchCore's bank is a random 40k-patch sample by default (fits take seconds; it overrides a
 configuration's bank options). ``--bank coreset`` keeps the library's greedy coreset and the
@@ -35,20 +36,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from baselines.validation import KINDS, make_validation_set
-from threecad.data import AnomalyDataset, read_mask
+from baselines.patchcore import PAPER_SETTINGS
+from threecad.data import AnomalyDataset
 from threecad.errors import ThreecadError
-from threecad.io import image_size
 from threecad.layout import list_samples
-from threecad.methods import Method, build, iter_batches, load_method, native_size_maps
+from threecad.methods import Method, build, load_method
 from threecad.methods.runner import read_run
-from threecad.metrics import Evaluator
+from threecad.methods.tuning import validation_metrics
+from threecad.synth.validation import KINDS, make_validation_set
 
 #: PatchCore bank settings per ``--bank``: a random sample (fits take seconds) or the library's coreset.
 BANKS = {"random": {"coreset_ratio": 1.0, "max_patches": 40_000}, "coreset": {}}
 
 CONFIGS: dict[str, tuple[str, dict, int | None, str, str]] = {
     # name: (method, options, size, resize, exposure)
+    "pc-defaults": ("patchcore", {}, 256, "squash", "mean"),  # the library's defaults (the validated choice)
     "pc-squash256": ("patchcore", {}, 256, "squash", "raw"),
     "pc-squash256-exposure": ("patchcore", {}, 256, "squash", "mean"),
     "pc-squash256-exposure-top1%": ("patchcore", {"topk": 0.01}, 256, "squash", "mean"),
@@ -58,14 +60,6 @@ CONFIGS: dict[str, tuple[str, dict, int | None, str, str]] = {
     "pc-squash256-exposure-top3%-nn3": ("patchcore", {"topk": 0.03, "num_neighbors": 3}, 256, "squash", "mean"),
     "pc-squash256-exposure-top3%-lite2": ("patchcore", {"topk": 0.03, "backbone": "efficientnet_lite2"}, 256,
                                           "squash", "mean"),
-    "pc-squash256-exposure-top3%-balanced": ("patchcore", {"topk": 0.03, "balance_stages": True}, 256, "squash",
-                                             "mean"),
-    "pc-squash256-exposure-top3%-balanced-s4s8s16": ("patchcore", {"topk": 0.03, "balance_stages": True,
-                                                                   "layers": ["stride4", "stride8", "stride16"]},
-                                                     256, "squash", "mean"),
-    "pc-squash256-exposure-top3%-balanced-s8s16s32": ("patchcore", {"topk": 0.03, "balance_stages": True,
-                                                                    "layers": ["stride8", "stride16", "stride32"]},
-                                                      256, "squash", "mean"),
     # Every training patch a candidate, greedy coreset per 50k-patch chunk (run with --bank coreset).
     "pc-squash256-exposure-top3%-chunk50k": ("patchcore", {"topk": 0.03, "max_patches": None,
                                                            "coreset_chunk": 50_000}, 256, "squash", "mean"),
@@ -85,9 +79,6 @@ CONFIGS: dict[str, tuple[str, dict, int | None, str, str]] = {
                                                                "sigma": 8.0}, 320, "squash", "mean"),
     "pc-squash192-exposure-top3%-cal100": ("patchcore", {"topk": 0.03, "calibration_images": 100}, 192, "squash",
                                            "mean"),
-    "pc-squash256-exposure-top3%-balanced-s8s16s32-cal100": ("patchcore", {
-        "topk": 0.03, "balance_stages": True, "layers": ["stride8", "stride16", "stride32"],
-        "calibration_images": 100}, 256, "squash", "mean"),
     "pc-squash256-exposure-top3%-cal100-int200": ("patchcore", {"topk": 0.03, "calibration_images": 100,
                                                                "intensity_weight": 200.0}, 256, "squash", "mean"),
     "pc-squash320-exposure-top3%-cal100-int200": ("patchcore", {"topk": 0.03, "calibration_images": 100,
@@ -99,42 +90,19 @@ CONFIGS: dict[str, tuple[str, dict, int | None, str, str]] = {
     "pc-squash256-exposure-top3%-cal100-int200-chunk20k": ("patchcore", {
         "topk": 0.03, "calibration_images": 100, "intensity_weight": 200.0, "max_patches": None,
         "coreset_chunk": 20_000}, 256, "squash", "mean"),
-    # Two input scales (the input and a half-size copy), each its own bank and calibration, maps averaged.
-    "pc-ms320+160-exposure-top3%-cal100-int200-chunk20k": ("patchcore", {
-        "topk": 0.03, "calibration_images": 100, "intensity_weight": 200.0, "scales": [1.0, 0.5],
-        "max_patches": None, "coreset_chunk": 20_000}, 320, "squash", "mean"),
-    "pc-ms256+128-exposure-top3%-cal100-int200-chunk20k": ("patchcore", {
-        "topk": 0.03, "calibration_images": 100, "intensity_weight": 200.0, "scales": [1.0, 0.5],
-        "max_patches": None, "coreset_chunk": 20_000}, 256, "squash", "mean"),
     "pc-squash256-s4s8s16": ("patchcore", {"layers": ["stride4", "stride8", "stride16"]}, 256, "squash", "raw"),
     "padim-squash256": ("padim", {}, 256, "squash", "raw"),
     "padim-squash256-exposure-top3%": ("padim", {"topk": 0.03}, 256, "squash", "mean"),
 }
 
 
-def configured(name: str, bank: str, seed: int) -> tuple[Method, int | None, str, str]:
-    """The unfitted method of configuration ``name`` with ``bank``'s PatchCore bank, and its input settings."""
+def configured(name: str, bank: str, seed: int) -> Method:
+    """The unfitted method of configuration ``name`` with ``bank``'s PatchCore bank and its input settings."""
     method_name, options, size, resize, exposure = CONFIGS[name]
-    options = {**options, **BANKS[bank]} if method_name == "patchcore" else options
-    return build(method_name, device="cpu", seed=seed, **options), size, resize, exposure
-
-
-def score(method, val_root: Path, category: str, size: int | None, resize: str, exposure: str) -> tuple[dict, float]:
-    """Metrics per anomaly kind (that kind + every normal) and over all kinds (``"all"``)."""
-    evaluator = Evaluator()
-    data = AnomalyDataset(val_root, category, "test", size=size, resize=resize, exposure=exposure)
-    kinds = sorted({s.defect for s in data.samples if s.label})
-    by_path = {str(s.image_path): s for s in data.samples}
-    start = time.perf_counter()
-    for images, items in iter_batches(data, 8):
-        scores, maps = method.predict_batch(images)
-        samples = [by_path[item["path"]] for item in items]
-        native = native_size_maps(maps, [image_size(s.image_path) for s in samples])
-        for sample, value, amap in zip(samples, scores, native):
-            mask = read_mask(sample.mask_path) if sample.label else np.zeros(amap.shape, bool)
-            for group in ["all", *(kinds if not sample.label else [sample.defect])]:
-                evaluator.update([amap], [mask], image_scores=[float(value)], categories=group)
-    return evaluator.compute()["categories"], time.perf_counter() - start
+    if method_name == "patchcore":  # named by their departures from the paper (PAPER_SETTINGS)
+        base = {} if name == "pc-defaults" else {k: v for k, v in PAPER_SETTINGS.items() if k != "exposure"}
+        options = {**base, **options, **BANKS[bank]}
+    return build(method_name, device="cpu", seed=seed, size=size, resize=resize, exposure=exposure, **options)
 
 
 def report(name: str, metrics: dict, kinds: list[str], fit_s: float, pred_s: float) -> None:
@@ -181,8 +149,9 @@ def main() -> None:
         if info is not None:
             for variant in args.variant or [""]:
                 method = load_method(args.run, device="cpu", **parse_variant(variant))
-                metrics, pred_s = score(method, val_root, args.category, info["size"], info["resize"],
-                                        info.get("exposure", "raw"))
+                start = time.perf_counter()
+                metrics = validation_metrics(method, val_root, args.category)
+                pred_s = time.perf_counter() - start
                 results.append((variant or "saved settings", metrics, 0.0, pred_s))
                 report(results[-1][0], metrics, args.kinds, 0.0, pred_s)
         else:
@@ -193,13 +162,13 @@ def main() -> None:
             for name in args.configs:  # every configuration's options are checked before any fit
                 configured(name, args.bank, args.seed)
             for name in args.configs:
-                method, size, resize, exposure = configured(name, args.bank, args.seed)
-                train = AnomalyDataset(args.dataset, args.category, "train", size=size, resize=resize,
-                                       samples=subset, exposure=exposure)
+                method = configured(name, args.bank, args.seed)
+                train = AnomalyDataset(args.dataset, args.category, "train", samples=subset, **method.input_settings())
                 start = time.perf_counter()
                 method.fit(train)
                 fit_s = time.perf_counter() - start
-                metrics, pred_s = score(method, val_root, args.category, size, resize, exposure)
+                metrics = validation_metrics(method, val_root, args.category)
+                pred_s = time.perf_counter() - start - fit_s
                 results.append((name, metrics, fit_s, pred_s))
                 report(name, metrics, args.kinds, fit_s, pred_s)
         if args.json is not None:

@@ -84,9 +84,10 @@ class _CFRG:
     batch_size = 4
 
     def __init__(self):
-        from cfrg.model import CFRGNet, Teacher
+        from cfrg.model import CFRGNet
         from cfrg.train import CFRGTraining, TrainConfig, collate
         from threecad.anomalies import SyntheticAnomalyDataset
+        from threecad.methods.blocks import Teacher
 
         torch.manual_seed(0)
         self.inner = CFRGTraining(CFRGNet(Teacher("efficientnet_lite0", weights="random")), TrainConfig(epochs=1000))

@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from cfrg.infer import OFFICIAL_TERMS, TERMS, anomaly_maps
-from cfrg.model import PAPER_TEACHER, CFRGNet, build_teacher
+from cfrg.model import CFRGNet
 from cfrg.train import TrainConfig, train
 from threecad.anomalies import SyntheticAnomalyDataset, TextureBank
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
 from threecad.methods import Method, Option, register
+from threecad.methods.batching import train_subset
+from threecad.methods.blocks import PAPER_TEACHER, build_teacher
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +36,18 @@ class CFRG(Method):
     ``topk``: 0 = image score is the map max (official), else the mean of that top fraction.
     ``train_images``: 0 = all, else a seeded subset of that many training images (reduced budgets).
     ``textures``: a DTD-like folder; ``None`` = procedural textures + other training images.
+    ``clean_probability``: share of training samples left without a synthetic anomaly (default 0.5,
+    DRAEM's share, chosen on validation data; the official code's is 0). Exposure: ``mean`` by default.
     ``size``: the side the network sees; ``None`` = the size of the training images (the runner's
     ``--size``). Other inputs are resized to it and maps resized back.
     """
 
     name = "cfrg"
+    #: Chosen on validation data with ``clean_probability=0.5`` (``docs/results/``): frames shot at
+    #: different exposures are scaled to one mean grey level.
+    DEFAULT_INPUTS = {"exposure": "mean"}
+    #: ``3cad tune``: inference-only choices, scored on one trained network (a fit costs hours).
+    TUNE_GRID = {"map_terms": ("recovery+segmentation", "recovery+segmentation+distillation"), "topk": (0.0, 0.03)}
     #: Inference options: the map terms, their smoothing and the image score (and the device).
     #: Everything else shaped the trained network, or only matters while training.
     OPTIONS = {
@@ -80,7 +89,7 @@ class CFRG(Method):
         rec_weight: float = 1.0,
         seg_weight: float = 1.0,
         resume: bool = False,
-        clean_probability: float = 0.0,
+        clean_probability: float = 0.5,
         textures: str | None = None,
         amp: bool = True,
         workers: int = 0,
@@ -135,13 +144,6 @@ class CFRG(Method):
                            loss_weights=(self.dis_weight, self.rec_weight, self.seg_weight), amp=self.amp,
                            seed=self.seed, workers=self.workers)
 
-    def _subset(self, data: torch.utils.data.Dataset) -> torch.utils.data.Dataset:
-        if self.train_images <= 0 or self.train_images >= len(data):
-            return data
-        rng = np.random.default_rng(self.seed)
-        keep = sorted(rng.choice(len(data), size=self.train_images, replace=False).tolist())
-        return torch.utils.data.Subset(data, keep)
-
     # ------------------------------------------------------------------ Method API
     def fit(self, train_set: torch.utils.data.Dataset, val_set: torch.utils.data.Dataset | None = None):
         net = self._build()
@@ -152,7 +154,7 @@ class CFRG(Method):
                 raise ThreecadError(f"cfrg trains on square images with a side divisible by 32, got {width}x{height}; "
                                     "use --resize squash and --size 256 (or 128, 320 ...)")
             self._fitted_size = int(height)
-        base = self._subset(train_set)
+        base = train_subset(train_set, self.train_images, self.seed)
         bank = TextureBank(self.textures, images=base)
         data = SyntheticAnomalyDataset(base, bank, self.clean_probability, seed=self.seed)
         validation = None

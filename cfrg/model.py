@@ -30,21 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from threecad.backbones import create_backbone
-from threecad.errors import ThreecadError
 
 # The teacher, OCBE and reverse decoder are shared with RD and RD++ (threecad.methods.blocks).
-from threecad.methods.blocks import (  # noqa: F401 - re-exported: cfrg.model is their historical home
-    OCBE,
-    OFFLINE_TEACHER,
-    PAPER_TEACHER,
-    TEACHER_LAYERS,
-    Bottleneck,
-    Decoder,
-    Teacher,
-    UpBottleneck,
-    build_teacher,
-    count_parameters,
-)
+from threecad.methods.blocks import OCBE, Decoder, FrozenPartNet, Teacher
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +140,7 @@ class SegmentationHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------- CFRG
-class CFRGNet(nn.Module):
+class CFRGNet(FrozenPartNet):
     """Teacher + student/adapters + OCBE/decoder + segmentation head.
 
     ``forward(images)`` returns a dict with ``teacher``, ``student`` (adapted), ``recovery`` (lists of
@@ -174,17 +162,6 @@ class CFRGNet(nn.Module):
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"student": self.student, "adapters": self.adapters, "ocbe": self.ocbe,
                 "decoder": self.decoder, "head": self.head}
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything except the frozen teacher (rebuilt from its weight file)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("teacher.")]
-        if missing or unexpected:
-            raise ThreecadError(f"CFRG weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                                "was the run trained with another teacher?")
 
     def forward(self, images: torch.Tensor, clean: torch.Tensor | None = None) -> dict:
         if clean is not None:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from threecad.catalog import CATEGORY_CODES, CATEGORY_FOLDERS
 
 PROTOCOL = "3cad-paper"
-SOURCE = "reported"
 PAPER = "3CAD (AAAI 2025), Tables 3 and 4"
 
 #: Method families as the paper groups them, in the paper's order.

@@ -382,14 +382,6 @@ class Store:
             conn.executemany("INSERT OR REPLACE INTO curves VALUES (?, ?, ?, ?, ?, ?)", curve_rows)
         return not exists
 
-    def delete_submission(self, sha256: str) -> int:
-        """Remove a submission and everything stored with it; returns the number of result rows removed."""
-        with self.transaction() as conn:
-            n = conn.execute("DELETE FROM results WHERE submission_sha256 = ?", (sha256,)).rowcount
-            conn.execute("DELETE FROM curves WHERE submission_sha256 = ?", (sha256,))
-            conn.execute("DELETE FROM submissions WHERE sha256 = ?", (sha256,))
-        return n
-
     def seed_reported(self) -> int:
         """Load the paper's published results, one entry per method (idempotent); returns entries added."""
         from leaderboard import reported

@@ -9,17 +9,16 @@ declared in ``meta.json``), ``meta.json`` and optionally ``scores.csv`` (``categ
 Nothing is trusted before it is checked: archives are unpacked by :func:`threecad.archive.extract`,
 the one extractor (no absolute paths, no ``..``, no links or device files, file-count, size and
 compression-ratio limits, bytes counted while extracting so a lying header cannot exceed them),
-TIFF headers are read before pixel data (a map declaring a huge size is refused without decoding),
+maps and ``scores.csv`` are checked by :mod:`threecad.maps`, the rules ``3cad evaluate`` applies too
+(TIFF headers read before pixel data, so a map declaring a huge size is refused without decoding),
 and every problem is collected so one report lists them all, each naming its file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
-import math
 import os
 import shutil
 import stat
@@ -29,21 +28,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import tifffile
-
 from leaderboard.reported import FAMILY_ORDER
 from threecad import archive as _archive
 from threecad.archive import archive_kind
 from threecad.errors import ThreecadError
 from threecad.io import image_size, sha256_file
-from threecad.layout import Sample, list_categories, list_samples
-from threecad.maps import SCORES_FILE, map_relpath
+from threecad.layout import list_categories, list_samples
+from threecad.maps import (
+    MAX_MAP_PIXELS,
+    META_FILE,
+    SCORES_FILE,
+    check_map_files,
+    check_scores,
+    map_problem,
+    map_relpath,
+    parse_scores,
+)
 from threecad.progress import progress
 
-META_FILE = "meta.json"
-MAP_SUFFIX = ".tiff"
-DTYPES = ("float16", "float32")
 META_KEYS = {
     "method": "method name (required)",
     "version": "method or submission version",
@@ -76,7 +78,7 @@ class Limits(_archive.Limits):
 
     max_files: int = 100_000
     max_bytes: int = 64 * 2**30
-    max_map_pixels: int = 64 * 2**20  # one map; 3CAD images are at most 1024 x 1024
+    max_map_pixels: int = MAX_MAP_PIXELS  # one map; 3CAD images are at most 1024 x 1024
 
 
 @dataclass
@@ -264,72 +266,18 @@ def read_meta(root: Path, report: ValidationReport) -> None:
         report.warnings.append(f"{META_FILE}: unknown key(s) {names} (kept, not used)")
 
 
-def read_scores(root: Path, samples: dict[tuple[str, str], Sample], report: ValidationReport) -> dict | None:
-    """``scores.csv`` rows keyed like ``samples`` ((category, path below category)); None if absent."""
+def read_scores(root: Path, expected: list[tuple[str, str]], report: ValidationReport) -> dict | None:
+    """``scores.csv`` rows keyed (category, path below category), checked against the test images
+    ``expected`` by :func:`threecad.maps.check_scores` (the rules ``evaluate`` applies); every
+    problem becomes a report error. None when the submission has no ``scores.csv``."""
     path = root / SCORES_FILE
     if not path.is_file():
         return None
     report.has_scores = True
-    scores: dict[tuple[str, str], float] = {}
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            missing_cols = {"category", "path", "score"} - set(reader.fieldnames or ())
-            if missing_cols:
-                report.errors.append(f"{SCORES_FILE}: missing column(s) {', '.join(sorted(missing_cols))}; "
-                                     f"expected header category,path,score")
-                return None
-            for line, row in enumerate(reader, start=2):
-                key = (row["category"], row["path"])
-                where = f"{SCORES_FILE} line {line}"
-                try:
-                    value = float(row["score"])
-                except (TypeError, ValueError):
-                    report.errors.append(f"{where}: score {row['score']!r} is not a number")
-                    continue
-                if not math.isfinite(value):
-                    report.errors.append(f"{where}: score is {value} (must be finite)")
-                elif key not in samples:
-                    report.errors.append(f"{where}: {key[0]}/{key[1]} is not a test image of the chosen categories")
-                elif key in scores:
-                    report.errors.append(f"{where}: second score for {key[0]}/{key[1]}")
-                else:
-                    scores[key] = value
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        report.errors.append(f"{SCORES_FILE}: unreadable ({exc})")
-        return None
-    absent = [f"{c}/{p}" for (c, p) in samples if (c, p) not in scores]
-    if absent:
-        report.errors.append(f"{SCORES_FILE}: no score for {len(absent)} test image(s), e.g. {absent[0]}; "
-                             f"give every image a score or drop the file")
-    return scores
-
-
-def _check_map(path: Path, rel: str, expected: tuple[int, int], limits: Limits) -> str | None:
-    """Why one map file is unacceptable, or None. ``expected`` is (height, width)."""
-    try:
-        with tifffile.TiffFile(path) as tif:
-            if len(tif.series) != 1 or len(tif.pages) != 1:
-                return f"{rel}: holds {len(tif.pages)} pages; one single-channel map per file"
-            series = tif.series[0]
-            shape, dtype = tuple(series.shape), np.dtype(series.dtype)
-            if dtype.name not in DTYPES:
-                return f"{rel}: dtype {dtype.name}; maps must be float16 or float32"
-            squeezed = tuple(s for s in shape if s != 1) if len(shape) == 3 and 1 in (shape[0], shape[-1]) else shape
-            if len(squeezed) != 2:
-                return f"{rel}: shape {shape} is not a single-channel 2-D map"
-            if math.prod(squeezed) > limits.max_map_pixels:
-                return f"{rel}: {squeezed[1]}x{squeezed[0]} pixels is over the limit of {limits.max_map_pixels:,}"
-            if squeezed != expected:
-                return (f"{rel}: size {squeezed[1]}x{squeezed[0]} (WxH) but expected {expected[1]}x{expected[0]}"
-                        f" (the image's native size, or meta.json's \"size\")")
-            data = series.asarray()
-    except Exception as exc:  # tifffile raises many types for corrupt files
-        return f"{rel}: not a readable TIFF ({exc.__class__.__name__}: {exc})"
-    if not np.isfinite(data).all():
-        bad = int((~np.isfinite(data)).sum())
-        return f"{rel}: {bad} NaN/inf value(s)"
-    return None
+    table = parse_scores(path)
+    report.errors.extend(f"{SCORES_FILE} {p}" if p.startswith("line ") else f"{SCORES_FILE}: {p}"
+                         for p in check_scores(table, expected))
+    return table.scores
 
 
 def _check_categories(dataset: Path | str, categories: list[str] | None) -> list[str]:
@@ -352,36 +300,21 @@ def validate_tree(
     report = ValidationReport(label or str(root), str(dataset), cats)
     read_meta(root, report)
 
-    expected: dict[str, Sample] = {}
-    by_image: dict[tuple[str, str], Sample] = {}
-    for category in cats:
-        for sample in list_samples(dataset, category, "test"):
-            expected[map_relpath(category, sample.defect, sample.stem, MAP_SUFFIX)] = sample
-            by_image[(category, sample.relpath)] = sample
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
-    extras = {META_FILE, SCORES_FILE}
-    report.missing = sorted(set(expected) - present)
-    for rel in sorted(present - set(expected) - extras):
-        hint = ""
-        stem_path = rel.rsplit(".", 1)[0] + MAP_SUFFIX
-        if stem_path in expected:
-            hint = f" (maps must be named <stem>{MAP_SUFFIX})"
-        elif rel.split("/", 1)[0] not in cats:
-            hint = " (not a chosen category of the dataset)"
-        report.unexpected.append(rel + hint)
-    read_scores(root, by_image, report)
+    expected = {map_relpath(c, s.defect, s.stem): s for c in cats for s in list_samples(dataset, c, "test")}
+    report.missing, report.unexpected = check_map_files(root, expected, cats)
+    read_scores(root, [(s.category, s.relpath) for s in expected.values()], report)
 
     size = report.size
-    for rel in progress(sorted(set(expected) & present), desc="validate maps"):
+    for rel in progress(sorted(set(expected) - set(report.missing)), desc="validate maps"):
         sample = expected[rel]
         if size is None:
             width, height = image_size(sample.image_path)
         else:
             width, height = size
-        problem = _check_map(root / rel, rel, (height, width), limits)
+        problem = map_problem(root / rel, (width, height), limits.max_map_pixels)
         report.maps_checked += 1
         if problem:
-            report.errors.append(problem)
+            report.errors.append(f"{rel}: {problem}")
     return report
 
 

@@ -24,14 +24,12 @@ from leaderboard.submission import (
     _check_categories,
     content_sha256,
     open_submission,
-    read_scores,
     validate_tree,
 )
-from threecad.layout import list_samples
+from threecad.metrics import PROTOCOLS
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("mvtec", "3cad-paper")
 _fingerprints: dict[str, str] = {}
 
 
@@ -51,20 +49,18 @@ def evaluate_tree(
     protocol: str,
     categories: list[str],
     size: list[int] | None = None,
-    scores: dict[tuple[str, str], float] | str | None = "auto",
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Evaluate a validated submission folder (curves included).
 
-    ``scores`` are the image scores under ``mvtec`` (``3cad-paper`` defines its own): validated
-    ``scores.csv`` rows, ``"auto"`` for the folder's ``scores.csv`` if any, or ``None`` for the max
-    of each map.
+    Under ``mvtec`` the image scores are the folder's ``scores.csv`` when it has one, else the max
+    of each map; ``3cad-paper`` defines its own.
     """
     from threecad.metrics import evaluate_predictions
 
     declared = None if size is None else (int(size[0]), int(size[1]))
     return evaluate_predictions(dataset, root, protocol=protocol, categories=categories, device=device,
-                                size=declared, curves=True, scores=scores)
+                                size=declared, curves=True)
 
 
 def result_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -133,11 +129,7 @@ def submit(
                 if db.has_submission(sha):
                     log.info("submission %s is already in %s", sha[:12], db.path)
                     return SubmitResult(sha, False, method, report)
-                by_image = {(c, s.relpath): s for c in cats for s in list_samples(dataset, c, "test")}
-                scores = read_scores(root, by_image, ValidationReport(str(submission), str(dataset)))
-                results = {
-                    p: evaluate_tree(root, dataset, p, cats, report.size, scores, device) for p in PROTOCOLS
-                }
+                results = {p: evaluate_tree(root, dataset, p, cats, report.size, device) for p in PROTOCOLS}
         except UnsafeSubmission as exc:
             report = ValidationReport(str(submission), str(dataset), cats, errors=[str(exc)])
             raise SubmissionRejected(report) from None

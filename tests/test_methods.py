@@ -19,10 +19,9 @@ from scipy.ndimage import gaussian_filter
 from scipy.spatial.distance import cdist
 from sklearn.metrics import roc_auc_score
 
+import baselines.calibration as calibration_module
 import baselines.features as features_module
-import baselines.patchcore as patchcore_module
 from baselines.aggregation import (
-    combine_stages,
     gaussian_blur,
     local_aggregate,
     top_fraction_mean,
@@ -31,7 +30,7 @@ from baselines.aggregation import (
 from baselines.coreset import chunked_greedy_coreset, greedy_coreset
 from baselines.knn import nearest_neighbors
 from baselines.padim import PaDiM, mahalanobis
-from baselines.patchcore import PatchCore
+from baselines.patchcore import PAPER_SETTINGS, PatchCore
 from threecad.data import AnomalyDataset
 from threecad.errors import ThreecadError
 from threecad.layout import Sample
@@ -68,6 +67,11 @@ class ImageList(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"image": self.images[i], "path": f"img{i}"}
+
+
+def _pc(**options) -> PatchCore:
+    """PatchCore in the paper's configuration (the tests of its parts), with ``options`` over it."""
+    return PatchCore(**{**PAPER_SETTINGS, **options})
 
 
 def _images(n, h=64, w=64, seed=0):
@@ -216,7 +220,7 @@ def test_methods_never_rewrite_their_options(fake_backbone, tmp_path, monkeypatc
 
 def test_unfitted_predict_is_a_clear_error(fake_backbone):
     with pytest.raises(ThreecadError, match="not fitted"):
-        PatchCore(device="cpu").predict(torch.rand(1, 3, 32, 32))
+        _pc(device="cpu").predict(torch.rand(1, 3, 32, 32))
     with pytest.raises(ThreecadError, match="not fitted"):
         PaDiM(device="cpu").predict(torch.rand(1, 3, 32, 32))
 
@@ -315,28 +319,6 @@ def test_local_aggregate_is_neighbourhood_mean():
             np.testing.assert_allclose(got[0, :, y, x], window.mean(axis=(1, 2)), rtol=1e-6)
 
 
-def test_balanced_stages_weigh_like_the_papers_pooling_to_a_common_dimension():
-    """The PatchCore paper pools every layer to one dimension (here 8, a multiple of both widths, so
-    the pooling repeats channels exactly) and compares the stacked result; balanced concatenation
-    must give the same squared distances up to that dimension as a constant factor."""
-    rng = np.random.default_rng(9)
-    stages = [torch.from_numpy(rng.normal(size=(2, c, 3, 3)).astype(np.float32)) * scale
-              for c, scale in ((2, 1.0), (4, 5.0))]
-
-    def paper(feats):
-        pooled = [F.adaptive_avg_pool1d(f.permute(0, 2, 3, 1).reshape(-1, 1, f.shape[1]), 8) for f in feats]
-        return torch.cat(pooled, 1).flatten(1)  # (B*H*W, layers * 8)
-
-    def ours(feats, balance):
-        return combine_stages(feats, kernel=1, balance=balance).permute(0, 2, 3, 1).reshape(-1, 6)
-
-    reference = torch.cdist(paper(stages), paper(stages)) ** 2
-    np.testing.assert_allclose(8 * torch.cdist(ours(stages, True), ours(stages, True)) ** 2, reference,
-                               rtol=1e-4, atol=1e-3)
-    plain = torch.cdist(ours(stages, False), ours(stages, False)) ** 2
-    assert not torch.allclose(8 * plain, reference, rtol=1e-2)  # raw concatenation weighs stages differently
-
-
 def test_mahalanobis_matches_scipy():
     from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
@@ -384,7 +366,7 @@ def test_padim_refuses_mixed_sizes(fake_backbone):
 
 # ---------------------------------------------------------------------------- PatchCore behaviour
 def test_patchcore_scores_are_nearest_bank_distances(fake_backbone):
-    model = PatchCore(device="cpu", coreset_ratio=0.5, sigma=0.0).fit(ImageList(_images(4, 48, 48)))
+    model = _pc(device="cpu", coreset_ratio=0.5, sigma=0.0).fit(ImageList(_images(4, 48, 48)))
     test = torch.stack(_images(2, 48, 48, seed=4))
     patches = model.embed(test)
     ref = cdist(patches.reshape(-1, patches.shape[-1]).double().numpy(), model.memory_bank.double().numpy()).min(1)
@@ -393,9 +375,49 @@ def test_patchcore_scores_are_nearest_bank_distances(fake_backbone):
     assert maps.shape == (2, 48, 48)
 
 
+def test_patchcore_feature_dim_averages_adjacent_channels(fake_backbone):
+    images = torch.stack(_images(2, 32, 48))
+    full = _pc(device="cpu").embed(images).double().numpy()  # 8 + 8 = 16 channels at stride 8
+    assert full.shape[-1] == 16
+    got = _pc(device="cpu", feature_dim=6).embed(images).double().numpy()
+    # adaptive average pooling over channels: bin i covers [floor(i C / d), ceil((i + 1) C / d))
+    expected = np.stack([full[..., i * 16 // 6 : -(-(i + 1) * 16 // 6)].mean(-1) for i in range(6)], -1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert _pc(device="cpu", feature_dim=64).embed(images).shape[-1] == 16  # never widened
+
+
+def test_patchcore_num_neighbors_averages_the_k_nearest_bank_distances(fake_backbone):
+    model = _pc(device="cpu", coreset_ratio=1.0, sigma=0.0, num_neighbors=3).fit(ImageList(_images(3, 32, 32)))
+    test = torch.stack(_images(1, 32, 32, seed=5))
+    patches = model.embed(test).reshape(-1, model.memory_bank.shape[1]).double().numpy()
+    d = np.sort(cdist(patches, model.memory_bank.double().numpy()), axis=1)[:, :3].mean(1)
+    scores, _ = model.predict(test)
+    assert scores[0] == pytest.approx(d.max(), rel=1e-4)
+    assert not np.isclose(d.max(), np.sort(cdist(patches, model.memory_bank.double().numpy()), 1)[:, 0].max())
+
+
+def test_patchcore_defaults_are_the_validated_settings(fake_backbone):
+    """Defaults: every training patch a candidate, 10 % kept per 20k-patch chunk, brightness channel
+    200, calibration on 100 images, top-3 % score, exposure mean. 24 images of 256 px give 24 x 32 x 32
+    = 24,576 patches at stride 8: two chunks, so the chunk size and the absence of a random subset
+    both show in the bank."""
+    model = PatchCore(device="cpu")
+    assert (model.topk, model.intensity_weight, model.calibration_images, model.max_patches,
+            model.coreset_chunk, model.exposure) == (0.03, 200.0, 100, None, 20_000, "mean")
+    images = _images(24, 256, 256)
+    model.fit(ImageList(images))
+    patches = model.embed(torch.stack(images)).reshape(-1, model.memory_bank.shape[1])
+    assert len(patches) == 24_576 and patches.shape[1] == 17  # 16 feature channels + brightness
+    index = chunked_greedy_coreset(patches, round(0.1 * len(patches)), 20_000, 128, 0)
+    torch.testing.assert_close(model.memory_bank, patches[index])
+    assert model.baseline is not None and model.baseline.by_position.shape == (32, 32)
+    scores, maps = model.predict(torch.stack(images[:2]))
+    np.testing.assert_allclose(scores, top_fraction_mean(torch.from_numpy(maps), 0.03).numpy(), rtol=1e-5)
+
+
 def test_patchcore_chunked_bank_is_the_chunked_coreset_of_all_patches(fake_backbone):
     images = ImageList(_images(4, 48, 48))
-    model = PatchCore(device="cpu", coreset_ratio=0.25, max_patches=None, coreset_chunk=100).fit(images)
+    model = _pc(device="cpu", coreset_ratio=0.25, max_patches=None, coreset_chunk=100).fit(images)
     patches = torch.cat([model.embed(torch.stack(_images(4, 48, 48)))]).reshape(-1, model.memory_bank.shape[1])
     index = chunked_greedy_coreset(patches, round(0.25 * len(patches)), 100, model.projection_dim, model.seed)
     torch.testing.assert_close(model.memory_bank, patches[index])
@@ -403,15 +425,15 @@ def test_patchcore_chunked_bank_is_the_chunked_coreset_of_all_patches(fake_backb
     whole = greedy_coreset(patches, len(index), model.projection_dim, model.seed)
     assert sorted(whole.tolist()) != sorted(index.tolist())
     with pytest.raises(ThreecadError, match="coreset_chunk"):
-        PatchCore(coreset_chunk=0)
+        _pc(coreset_chunk=0)
     with pytest.raises(ThreecadError, match="coreset_chunk"):
-        PatchCore(coreset_chunk="many")
+        _pc(coreset_chunk="many")
 
 
 def test_patchcore_reweighting_follows_the_formula(fake_backbone):
-    model = PatchCore(device="cpu", coreset_ratio=1.0, reweight=True, reweight_neighbors=3)
+    model = _pc(device="cpu", coreset_ratio=1.0, reweight=True, reweight_neighbors=3)
     model.fit(ImageList(_images(3, 32, 32)))
-    plain = PatchCore(device="cpu", coreset_ratio=1.0)
+    plain = _pc(device="cpu", coreset_ratio=1.0)
     plain.load_state_dict(model.state_dict())
     test = torch.stack(_images(1, 32, 32, seed=8))
     reweighted, _ = model.predict(test)
@@ -429,24 +451,24 @@ def test_patchcore_reweighting_follows_the_formula(fake_backbone):
 
 def test_patchcore_calibration_is_the_leave_one_out_mean_score_map(fake_backbone):
     images = _images(4, 48, 48)
-    model = PatchCore(device="cpu", coreset_ratio=1.0, max_patches=None, calibration_images=10)
+    model = _pc(device="cpu", coreset_ratio=1.0, max_patches=None, calibration_images=10)
     model.fit(ImageList(images))
     feats = [model.embed(img[None])[0].reshape(-1, model.memory_bank.shape[1]).double().numpy() for img in images]
     loo = [cdist(f, np.concatenate([g for j, g in enumerate(feats) if j != i])).min(1) for i, f in enumerate(feats)]
     expected = np.mean(loo, 0).reshape(6, 6)
-    np.testing.assert_allclose(model.position_baseline.numpy(), expected - expected.mean(), atol=1e-4)
+    np.testing.assert_allclose(model.baseline.by_position.numpy(), expected - expected.mean(), atol=1e-4)
 
 
 def test_patchcore_calibration_corrects_every_map_by_position(fake_backbone, tmp_path):
-    model = PatchCore(device="cpu", coreset_ratio=0.5, sigma=0.0, topk=0.05, calibration_images=3)
+    model = _pc(device="cpu", coreset_ratio=0.5, sigma=0.0, topk=0.05, calibration_images=3)
     model.fit(ImageList(_images(5, 48, 64)))
-    assert model.position_baseline.shape == (6, 8) and abs(float(model.position_baseline.mean())) < 1e-5
-    plain = PatchCore(device="cpu", coreset_ratio=0.5, sigma=0.0, topk=0.05)
+    assert model.baseline.by_position.shape == (6, 8) and abs(float(model.baseline.by_position.mean())) < 1e-5
+    plain = _pc(device="cpu", coreset_ratio=0.5, sigma=0.0, topk=0.05)
     plain.load_state_dict(model.state_dict())
     test = torch.stack(_images(2, 48, 64, seed=3))
     scores, maps = model.predict(test)
     raw_scores, raw_maps = plain.predict(test)
-    shift = upsample_maps(model.position_baseline[None], (48, 64), 0.0)[0].numpy()
+    shift = upsample_maps(model.baseline.by_position[None], (48, 64), 0.0)[0].numpy()
     np.testing.assert_allclose(raw_maps - maps, np.stack([shift, shift]), atol=1e-4)
     np.testing.assert_allclose(scores, top_fraction_mean(torch.from_numpy(maps), 0.05).numpy(), rtol=1e-5)
     assert not np.allclose(scores, raw_scores)
@@ -461,10 +483,10 @@ def test_patchcore_calibration_corrects_every_map_by_position(fake_backbone, tmp
 def test_patchcore_calibration_of_mixed_sizes_is_a_table_by_border_distance(fake_backbone, tmp_path):
     # Grids 4x6 and 6x4 (stride 8): border distances 0..1 and 0..2 per axis, with limit 2.
     images = _images(2, 32, 48) + _images(3, 48, 32, seed=1)
-    model = PatchCore(device="cpu", coreset_ratio=1.0, max_patches=None, calibration_images=5, sigma=0.0)
-    with patch.object(patchcore_module, "BORDER_CELLS", 2):
+    model = _pc(device="cpu", coreset_ratio=1.0, max_patches=None, calibration_images=5, sigma=0.0)
+    with patch.object(calibration_module, "BORDER_CELLS", 2):
         model.fit(ImageList(images))
-    assert model.position_baseline is None and model.border_baseline.shape == (3, 3)
+    assert model.baseline.by_position is None and model.baseline.by_border.shape == (3, 3)
     feats = [model.embed(img[None])[0] for img in images]
     flat = [f.reshape(-1, f.shape[-1]).double().numpy() for f in feats]
     sums, counts, everything = np.zeros((3, 3)), np.zeros((3, 3)), []
@@ -479,13 +501,13 @@ def test_patchcore_calibration_of_mixed_sizes_is_a_table_by_border_distance(fake
                 everything.append(d[y, x])
     assert counts[2, 2] == 0  # no grid reaches distance 2 on both axes: filled from a nearest seen pair
     expected = np.where(counts > 0, sums / np.maximum(counts, 1), 0) - np.mean(everything)
-    got = model.border_baseline.numpy()
+    got = model.baseline.by_border.numpy()
     np.testing.assert_allclose(got[counts > 0], expected[counts > 0], atol=1e-4)
     assert got[2, 2] in (got[1, 2], got[2, 1])
     # Any grid looks its cells up by border distance, and the table survives a save/load round trip.
     test = torch.stack(_images(1, 40, 56, seed=4))  # grid 5x7
-    plain = PatchCore(device="cpu", sigma=0.0)
-    plain.load_state_dict({"memory_bank": model.memory_bank})
+    plain = _pc(device="cpu", sigma=0.0)
+    plain.load_state_dict({"memory_bank": model.memory_bank, "intensity_weight": torch.tensor(0.0)})
     raw = plain.predict(test)[1][0]
     rows, cols = [0, 1, 2, 1, 0], [0, 1, 2, 2, 2, 1, 0]
     shift = got[np.ix_(rows, cols)]
@@ -494,14 +516,15 @@ def test_patchcore_calibration_of_mixed_sizes_is_a_table_by_border_distance(fake
     model.save(tmp_path / "run")
     np.testing.assert_array_equal(load_method(tmp_path / "run").predict(test)[1], model.predict(test)[1])
     with pytest.raises(ThreecadError, match="border_baseline"):
-        plain.load_state_dict({"memory_bank": model.memory_bank, "border_baseline": torch.zeros(3, 4)})
+        plain.load_state_dict({"memory_bank": model.memory_bank, "intensity_weight": torch.tensor(0.0),
+                               "border_baseline": torch.zeros(3, 4)})
 
 
 @pytest.mark.parametrize("size", [(32, 48), (36, 52)])
 def test_patchcore_intensity_feature_is_the_local_mean_grey_level(fake_backbone, tmp_path, size):
     images = torch.stack(_images(3, *size))
-    plain = PatchCore(device="cpu", coreset_ratio=1.0, max_patches=None, sigma=0.0)
-    model = PatchCore(device="cpu", coreset_ratio=1.0, max_patches=None, sigma=0.0, intensity_weight=50.0)
+    plain = _pc(device="cpu", coreset_ratio=1.0, max_patches=None, sigma=0.0)
+    model = _pc(device="cpu", coreset_ratio=1.0, max_patches=None, sigma=0.0, intensity_weight=50.0)
     with_grey, without = model.embed(images), plain.embed(images)
     torch.testing.assert_close(with_grey[..., :-1], without)
     b, h, w, _ = without.shape
@@ -528,69 +551,20 @@ def test_patchcore_intensity_feature_is_the_local_mean_grey_level(fake_backbone,
     for other in (0.0, 100.0):  # a bank of another scale, even of the same dimension, is refused
         with pytest.raises(ThreecadError, match="intensity_weight is fixed when the method is fitted"):
             load_method(tmp_path / "run", intensity_weight=other)
-        mismatched = PatchCore(device="cpu", sigma=0.0, intensity_weight=other)  # the bank's own check
+        mismatched = _pc(device="cpu", sigma=0.0, intensity_weight=other)  # the bank's own check
         mismatched.load_state_dict(model.state_dict())
         with pytest.raises(ThreecadError, match="fitted with intensity_weight=50, not"):
             mismatched.predict(images)
     with pytest.raises(ThreecadError, match="option intensity_weight takes a number >= 0, got -1.0"):
-        PatchCore(intensity_weight=-1.0)
-
-
-def test_patchcore_scales_average_each_scales_map_over_its_calibration_spread(fake_backbone, tmp_path):
-    images = _images(5, 64, 64)
-    config = {"device": "cpu", "coreset_ratio": 1.0, "max_patches": None, "calibration_images": 5, "sigma": 0.0,
-              "topk": 0.05}
-    model = PatchCore(scales=[1.0, 0.5], **config).fit(ImageList(images))
-    test = torch.stack(_images(2, 64, 64, seed=3))
-    expected = np.zeros((2, 64, 64))
-    for factor in (1.0, 0.5):  # reference: plain single-scale fits on copies shrunk beforehand, scored by cdist
-        def shrink(x, factor=factor):
-            return x if factor == 1 else F.interpolate(x, scale_factor=factor, mode="bilinear", antialias=True)
-        small = [shrink(img[None])[0] for img in images]
-        single = PatchCore(**config).fit(ImageList(small))
-        feats = [single.embed(img[None])[0] for img in small]
-        flat = [f.reshape(-1, f.shape[-1]).double().numpy() for f in feats]
-        loo = np.stack([cdist(f, np.concatenate([g for j, g in enumerate(flat) if j != i])).min(1)
-                        for i, f in enumerate(flat)])
-        spread = loo.std(ddof=1)
-        assert single.calibration_spread == pytest.approx(spread, rel=1e-4)
-        grid = feats[0].shape[:2]
-        embedded = single.embed(shrink(test))
-        raw = cdist(embedded.reshape(-1, embedded.shape[-1]).double().numpy(), np.concatenate(flat)).min(1)
-        corrected = raw.reshape(2, *grid) - (loo.mean(0) - loo.mean()).reshape(grid)
-        expected += upsample_maps(torch.from_numpy(corrected).float(), (64, 64), 0.0).double().numpy() / spread / 2
-    scores, maps = model.predict(test)
-    np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(scores, top_fraction_mean(torch.from_numpy(maps), 0.05).numpy(), rtol=1e-5)
-    model.save(tmp_path / "run")
-    np.testing.assert_array_equal(load_method(tmp_path / "run").predict(test)[1], maps)
-    for other in ([1.0], [1.0, 0.25]):  # the scales built the banks: fixed once fitted
-        with pytest.raises(ThreecadError, match="scales is fixed when the method is fitted"):
-            load_method(tmp_path / "run", scales=other)
-    # Below the run folder, the weights still say which scales they hold.
-    with pytest.raises(ThreecadError, match="hold 2 scale"):
-        PatchCore(**config).load_state_dict(model.state_dict())
-    with pytest.raises(ThreecadError, match="fitted with input_scale=0.5, not 0.25"):  # same count, other scale
-        other = PatchCore(scales=[1.0, 0.25], **config)
-        other.load_state_dict(model.state_dict())
-        other.predict(test)
-    single = PatchCore(device="cpu").fit(ImageList(images))
-    with pytest.raises(ThreecadError, match="fitted with input_scale=1, not 0.5"):
-        other = PatchCore(device="cpu", scales=[0.5])
-        other.load_state_dict(single.state_dict())
-        other.predict(test)
-    with pytest.raises(ThreecadError, match="need calibration_images"):
-        PatchCore(scales=[1.0, 0.5])
-    for bad in ([], [1.0, 1.0], [0.0], [-0.5], 0.5, [float("nan")]):
-        with pytest.raises(ThreecadError, match=r"option scales takes a non-empty list of distinct numbers, each in \(0, 4\]"):
-            PatchCore(scales=bad, calibration_images=2)
+        _pc(intensity_weight=-1.0)
 
 
 def test_a_bad_tensor_in_saved_weights_is_reported_with_the_file(fake_backbone, tmp_path):
-    model = PatchCore(device="cpu", calibration_images=2).fit(ImageList(_images(3, 32, 32)))
+    model = _pc(device="cpu", calibration_images=2).fit(ImageList(_images(3, 32, 32)))
     model.save(tmp_path / "run")
     weights = tmp_path / "run" / "weights.pt"
     state = torch.load(weights)
+    del state["position_baseline"]
     state["border_baseline"] = torch.zeros(3, 4)
     torch.save(state, weights)
     with pytest.raises(ThreecadError, match="must be square") as info:
@@ -601,11 +575,11 @@ def test_a_bad_tensor_in_saved_weights_is_reported_with_the_file(fake_backbone, 
 def test_patchcore_calibration_errors_are_clear(fake_backbone):
     for bad in (-1, True, 2.5, "abc"):
         with pytest.raises(ThreecadError, match="calibration_images"):
-            PatchCore(calibration_images=bad)
+            _pc(calibration_images=bad)
     with pytest.raises(ThreecadError, match="at least 2 training images"):
-        PatchCore(device="cpu", calibration_images=1).fit(ImageList(_images(1, 32, 32)))
-    uncalibrated = PatchCore(device="cpu").fit(ImageList(_images(2, 32, 32)))
-    needs = PatchCore(device="cpu", calibration_images=2)
+        _pc(device="cpu", calibration_images=1).fit(ImageList(_images(1, 32, 32)))
+    uncalibrated = _pc(device="cpu").fit(ImageList(_images(2, 32, 32)))
+    needs = _pc(device="cpu", calibration_images=2)
     needs.load_state_dict(uncalibrated.state_dict())
     with pytest.raises(ThreecadError, match="fitted without calibration"):
         needs.predict(torch.stack(_images(1, 32, 32)))
@@ -629,7 +603,7 @@ def test_save_load_round_trip_gives_identical_predictions(fake_backbone, tmp_pat
 
 
 def test_patchcore_maps_follow_non_square_inputs(fake_backbone):
-    model = PatchCore(device="cpu").fit(ImageList(_images(3, 48, 80) + _images(2, 64, 40)))
+    model = _pc(device="cpu").fit(ImageList(_images(3, 48, 80) + _images(2, 64, 40)))
     for shape in ((48, 80), (64, 40)):
         _, maps = model.predict(torch.rand(2, 3, *shape))
         assert maps.shape == (2, *shape)
@@ -679,7 +653,7 @@ def test_topk_image_score_is_the_mean_of_the_top_map_pixels(name, synth_root):
 def test_input_options_are_declared_checked_and_saved(fake_backbone, tmp_path):
     method = build("padim", device="cpu", n_features=6, size=32, resize="squash", exposure="mean")
     assert method.input_settings() == {"size": 32, "resize": "squash", "exposure": "mean"}
-    assert PatchCore().input_settings() == {"size": None, "resize": "squash", "exposure": "raw"}
+    assert _pc().input_settings() == {"size": None, "resize": "squash", "exposure": "raw"}
     for key, value, allowed in (("size", 0, "a whole number >= 1 or null"),
                                 ("resize", "crop", "one of squash, aspect, native"),
                                 ("exposure", "gain", "one of raw, mean")):
@@ -736,24 +710,9 @@ def test_predict_takes_native_images_of_any_size_as_the_loader_would(fake_backbo
 
 
 def test_a_float_image_needing_no_transform_is_fed_as_it_is(fake_backbone):
-    method = PatchCore(device="cpu", coreset_ratio=0.5).fit(ImageList(_images(3, 32, 32)))
+    method = _pc(device="cpu", coreset_ratio=0.5).fit(ImageList(_images(3, 32, 32)))
     images = torch.stack(_images(2, 32, 32, seed=3))  # not on the 8-bit grid: no quantisation
     np.testing.assert_array_equal(method.predict(images)[1], method.predict_batch(images)[1])
-
-
-def test_a_run_saved_before_the_input_options_takes_them_from_run_json(fake_backbone, tmp_path):
-    method = build("padim", device="cpu", n_features=6, size=32, exposure="mean").fit(ImageList(_images(4, 32, 32)))
-    run = method.save(tmp_path / "run")
-    saved = json.loads((run / "config.json").read_text())
-    for key in INPUT_OPTIONS:
-        del saved["config"][key]
-    (run / "config.json").write_text(json.dumps(saved))
-    assert load_method(run).input_settings() == {"size": None, "resize": "squash", "exposure": "raw"}
-    (run / "run.json").write_text(json.dumps({"size": 32, "resize": "squash", "exposure": "mean"}))
-    old = load_method(run)
-    assert old.input_settings() == method.input_settings()
-    images = [np.full((50, 70, 3), 90, np.uint8)]
-    np.testing.assert_array_equal(old.predict(images)[1][0], method.predict(images)[1][0])
 
 
 def test_a_method_never_imports_at_framework_import_and_builtins_are_found_by_scanning():
@@ -766,3 +725,18 @@ def test_a_method_never_imports_at_framework_import_and_builtins_are_found_by_sc
             "assert {'patchcore', 'padim', 'cfrg'} <= set(m.available())")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_saved_run_with_a_removed_option_or_without_its_inputs_is_refused(fake_backbone, tmp_path):
+    model = _pc(device="cpu").fit(ImageList(_images(3, 32, 32)))
+    model.save(tmp_path / "run")
+    config_file = tmp_path / "run" / "config.json"
+    saved = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**saved, "config": {**saved["config"], "scales": [1.0]}}))
+    with pytest.raises(ThreecadError, match="scales") as info:
+        load_method(tmp_path / "run")
+    assert str(tmp_path / "run") in str(info.value)
+    config = {k: v for k, v in saved["config"].items() if k != "exposure"}
+    config_file.write_text(json.dumps({**saved, "config": config}))
+    with pytest.raises(ThreecadError, match="does not record exposure"):
+        load_method(tmp_path / "run")

@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from click.testing import CliRunner
 from scipy import ndimage
@@ -431,14 +432,20 @@ def test_cli_bad_predictions_give_one_line_errors(synth_root, tmp_path):
     extra.write_bytes(saved)
     assert "no matching test image" in error_of()
     extra.unlink()
-    np.save(target.with_suffix(".npy"), np.zeros((4, 4)))  # a second map for one image
-    assert "no matching test image" in error_of()
+    np.save(target.with_suffix(".npy"), np.zeros((4, 4)))  # .npy is not a map: an unexpected file
+    assert "no matching test image" in error_of() and "maps must be named <stem>.tiff" in error_of()
     target.with_suffix(".npy").unlink()
-    write_map(target, np.full((8, 8), np.nan))
-    assert "NaN or inf" in error_of() and target.name in error_of()
-    np.save(target.with_suffix(".npy"), np.zeros((2, 3, 8, 8)))
-    target.unlink()
-    assert "2-D" in error_of()
+    width, height = image_size(sample.image_path)
+    write_map(target, np.full((height, width), np.nan))
+    assert "NaN/inf" in error_of() and target.name in error_of()
+    tifffile.imwrite(target, np.zeros((height, width, 3), np.float32), photometric="rgb")
+    assert "single-channel 2-D" in error_of()
+    write_map(target, np.zeros((height, width + 1)))  # maps at another size are refused, not resized
+    assert f"but expected {width}x{height}" in error_of()
+    tifffile.imwrite(target, np.zeros((height, width), np.float64))
+    assert "dtype float64" in error_of()
+    target.write_bytes(saved)
+    assert runner.invoke(cli, args).exit_code == 0
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])

@@ -9,6 +9,10 @@ encoder on 64-px images.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -366,3 +370,30 @@ def test_runner_trains_predicts_and_evaluates(name, synth_root, tmp_path):
     out = runner.predict(runs[0], synth_root, tmp_path / "pred")
     metrics = evaluate_predictions(synth_root, out, categories=[category])["categories"][category]
     assert all(0.0 <= metrics[k] <= 1.0 for k in ("i_auroc", "p_auroc"))
+
+
+def test_torchrun_cli_train_and_predict_write_once_from_rank_0(synth_root, tmp_path):
+    """`3cad train` and `3cad predict` under a real 2-process gloo torchrun: both ranks fit, rank 0
+    alone writes the run folder and the maps."""
+    from threecad.layout import list_categories, list_samples
+
+    category = list_categories(synth_root)[0]
+    cli_file = Path(__file__).resolve().parents[1] / "cli.py"
+    env = dict(os.environ, PYTHONPATH=str(cli_file.parent), OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--",
+                str(cli_file)]  # "--": torchrun would take `--run` for its own `--run-path`
+    train = ["train", "--method", "rd", "--dataset", str(synth_root), "--category", category, "--out",
+             str(tmp_path / "runs"), "--device", "cpu", "--size", "64", "--epochs", "1", "--batch-size", "4",
+             "--set", "encoder=efficientnet_lite0"]
+    done = subprocess.run([*torchrun, *train], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    run = tmp_path / "runs" / category
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # no staging or checkpoint leftovers
+    assert {"config.json", "weights.pt", "run.json", "checkpoint.pt"} <= {p.name for p in run.iterdir()}
+    assert done.stdout.count(f"wrote {run}") == 1  # rank 0 alone reports (and writes)
+    predict = ["predict", "--run", str(run), "--dataset", str(synth_root), "--out", str(tmp_path / "pred")]
+    done = subprocess.run([*torchrun, *predict], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = (tmp_path / "pred" / "scores.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + len(list_samples(synth_root, category, "test"))  # header + each image once

@@ -16,6 +16,7 @@ from threecad.errors import ThreecadError
 from threecad.io import image_size
 from threecad.layout import list_samples
 from threecad.maps import find_map, read_map
+from threecad.metrics import evaluate_predictions
 
 CATEGORY = "Aluminum_Ipad"
 SMALL = ["--size", "64", "--set", "coreset_ratio=0.2"]
@@ -40,6 +41,7 @@ def test_cli_train_writes_a_complete_run_folder(cli_run, synth_root):
     assert {p.name for p in run.iterdir()} >= {"config.json", "weights.pt", "run.json"}
     info = json.loads((run / "run.json").read_text())
     assert info["category"] == CATEGORY and info["size"] == 64 and info["resize"] == "aspect"
+    assert info["exposure"] == "mean"  # not given: PatchCore's recommended input setting
     assert info["train_images"] == len(list_samples(synth_root, CATEGORY, "train"))
     config = json.loads((run / "config.json").read_text())
     assert config["method"] == "patchcore" and config["config"]["coreset_ratio"] == 0.2
@@ -61,8 +63,7 @@ def test_cli_predict_writes_native_size_maps_and_scores(cli_run, synth_root):
 
 
 def test_predictions_pass_the_evaluator(cli_run, synth_root):
-    metrics = pytest.importorskip("threecad.metrics")
-    result = metrics.evaluate_predictions(synth_root, cli_run / "pred", categories=[CATEGORY])
+    result = evaluate_predictions(synth_root, cli_run / "pred", categories=[CATEGORY])
     scores = result["categories"][CATEGORY]
     assert scores["i_auroc"] > 0.7 and scores["p_auroc"] > 0.7
     if "evaluate" in cli.commands:
@@ -244,8 +245,8 @@ def test_predict_overrides_inference_options(cli_run, synth_root, tmp_path):
     maxima, means = scores(cli_run / "pred"), scores(tmp_path / "mean")
     assert maxima.keys() == means.keys()
     assert all(means[k] <= maxima[k] + 1e-6 for k in maxima) and any(means[k] < maxima[k] - 1e-4 for k in maxima)
-    # the saved run is unchanged: its config still holds the paper's maximum
-    assert json.loads((cli_run / "runs" / CATEGORY / "config.json").read_text())["config"]["topk"] == 0.0
+    # the saved run is unchanged: its config still holds the default top-3 % mean
+    assert json.loads((cli_run / "runs" / CATEGORY / "config.json").read_text())["config"]["topk"] == 0.03
     result = CliRunner().invoke(cli, ["predict", "--run", str(cli_run / "runs"), "--dataset", str(synth_root),
                                       "--out", str(tmp_path / "bad"), "--set", "topp=1"])
     assert result.exit_code == 1 and "has no option(s) topp" in result.output

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from baselines.validation import KINDS, make_validation_set
 from threecad.anomalies import dark_spot, edge_chip, shaded_region
 from threecad.data import read_mask
 from threecad.errors import ThreecadError
 from threecad.io import read_image
 from threecad.layout import list_samples
+from threecad.synth.validation import KINDS, make_validation_set
 
 
 def _surface(seed: int = 0, shape=(96, 160)) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Synthetic anomalies for self-supervised training: Perlin-noise masks filled with a foreign texture.
 
-This is the recipe of DRAEM, DeSTSeg and CFRG, implemented from its definition:
+This is the recipe of DRAEM, DeSTSeg and CFRG, implemented once from its definition; each method
+chooses its own :class:`SynthesisParams` (:data:`CFRG_SYNTHESIS`, :data:`DRAEM_SYNTHESIS`,
+:func:`destseg_synthesis`). The common core:
 
 1. two lattice exponents ``t_y, t_x`` drawn independently from {0..5}, so the noise has
    ``2**t_y x 2**t_x`` cells (blobs from image-sized to 8 px at 256 px);
@@ -9,6 +11,15 @@ This is the recipe of DRAEM, DeSTSeg and CFRG, implemented from its definition:
    rotated-in areas are never anomalous;
 4. mask = noise > 0.5;
 5. inside the mask, ``x_aug = beta * x + (1 - beta) * texture`` with ``beta ~ U[0, 0.8)``.
+
+What differs between the methods (official code of each): DRAEM returns the clean image for half of
+the samples, rotates the normal image by U(-90, 90) degrees (black fill) with probability 0.3 and
+applies three distinct augmenters out of ten (:data:`TEXTURE_AUGMENTERS`) to each texture; DeSTSeg
+never leaves a sample clean, never augments the texture, and rotates the normal image according to
+the category (none, U(-5, 5) degrees, or a multiple of 90 degrees then U(-5, 5), grey fill
+114/255); CFRG does neither. DeSTSeg and CFRG normalise with ImageNet statistics after blending:
+here the items stay in [0, 1] and each network normalises its own input (it must do so at
+prediction time anyway), which is the same order of operations.
 
 Differences from the official CFRG code, on purpose: every sample draws a random texture at every
 call (the official code binds texture ``i`` to image ``i`` for the whole run and only ever uses the
@@ -25,13 +36,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageEnhance, ImageOps
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
@@ -99,16 +109,6 @@ def perlin_noise(
     return noise.astype(np.float32, copy=False)
 
 
-def rotate_zero_fill(array: np.ndarray, angle: float) -> np.ndarray:
-    """Rotate a 2-D map about its centre (bilinear, same size); pixels from outside become 0.
-
-    Used to check :func:`perlin_noise`'s built-in rotation against an image rotation.
-    """
-    if angle == 0.0:
-        return array
-    return ndimage.rotate(array, angle, reshape=False, order=1, mode="constant", cval=0.0, prefilter=False)
-
-
 @dataclass(frozen=True)
 class MaskDraw:
     """The random choices behind one mask (kept so tests and logs can inspect them)."""
@@ -118,12 +118,14 @@ class MaskDraw:
 
 
 def perlin_mask(
-    shape: tuple[int, int], rng: np.random.Generator, threshold: float = THRESHOLD
+    shape: tuple[int, int], rng: np.random.Generator, threshold: float = THRESHOLD,
+    scales: tuple[int, int] = (MIN_SCALE, MAX_SCALE), max_angle: float = MAX_ANGLE,
 ) -> tuple[np.ndarray, MaskDraw]:
-    """A binary anomaly mask (H, W) float32 {0, 1} and the draws that made it."""
-    ty, tx = rng.integers(MIN_SCALE, MAX_SCALE + 1, size=2)
+    """A binary anomaly mask (H, W) float32 {0, 1} and the draws that made it: lattice exponents
+    uniform in ``scales`` (inclusive) per axis, rotation uniform in ``[-max_angle, max_angle]``."""
+    ty, tx = rng.integers(scales[0], scales[1] + 1, size=2)
     cells = (2 ** int(ty), 2 ** int(tx))
-    angle = float(rng.uniform(-MAX_ANGLE, MAX_ANGLE))
+    angle = float(rng.uniform(-max_angle, max_angle))
     noise = perlin_noise(shape, cells, rng, angle)
     return (noise > threshold).astype(np.float32), MaskDraw(cells, angle)
 
@@ -297,43 +299,222 @@ def gray_like(image: np.ndarray, texture: np.ndarray) -> np.ndarray:
     return texture
 
 
+# ---------------------------------------------------------------------------------------- rotation
+def rotate_image(image: np.ndarray, angle: float, fill: float = 0.0) -> np.ndarray:
+    """``image`` (HxW or HxWxC float) rotated by ``angle`` degrees about its centre, same size,
+    bilinear; pixels whose source lies outside the frame take the value ``fill``."""
+    if angle == 0.0:
+        return image
+    out = ndimage.rotate(image, angle, axes=(1, 0), reshape=False, order=1, mode="constant", cval=float(fill),
+                         prefilter=False)
+    return out.astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------------------- texture augmenters
+# DRAEM's ten texture augmenters, written from their definitions on float HxWx3 images in [0, 1]
+# (DRAEM applies them to uint8 images: the 0..255 parameters are kept and scaled here). Ranges the
+# paper and code leave to library defaults (sharpness factor, posterize bits) are stated inline.
+def _pil(texture: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.round(np.clip(texture, 0.0, 1.0) * 255.0).astype(np.uint8))
+
+
+def _unpil(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _gamma(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Gamma contrast, one exponent in [0.5, 2] per channel."""
+    return np.power(t, rng.uniform(0.5, 2.0, size=3).astype(np.float32))
+
+
+def _brightness(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Luminance (Y of YCbCr) times U(0.8, 1.2) plus U(-30, 30)/255, chroma kept: a change of Y
+    adds the same amount to R, G and B."""
+    y = t @ np.float32([0.299, 0.587, 0.114])
+    change = y * np.float32(rng.uniform(0.8, 1.2) - 1.0) + np.float32(rng.uniform(-30.0, 30.0) / 255.0)
+    return t + change[..., None]
+
+
+def _sharpness(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """PIL sharpness enhancement, factor U(0, 2) (0 blurs, 1 is the identity, 2 sharpens)."""
+    return _unpil(ImageEnhance.Sharpness(_pil(t)).enhance(float(rng.uniform(0.0, 2.0))))
+
+
+def _hue_saturation(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Hue (cyclic) and saturation shifted by independent integers in [-50, 50] on PIL's 0..255 HSV scale."""
+    hsv = np.asarray(_pil(t).convert("HSV"), dtype=np.int32)
+    dh, ds = (int(v) for v in rng.integers(-50, 51, size=2))
+    hsv[..., 0] = (hsv[..., 0] + dh) % 256
+    hsv[..., 1] = np.clip(hsv[..., 1] + ds, 0, 255)
+    return _unpil(Image.fromarray(hsv.astype(np.uint8), "HSV"))
+
+
+def _solarize(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """With probability 0.5, values at or above a threshold U(32, 128)/255 are inverted."""
+    if rng.random() >= 0.5:
+        return t
+    threshold = np.float32(rng.uniform(32.0, 128.0) / 255.0)
+    return np.where(t >= threshold, 1.0 - t, t)
+
+
+def _posterize(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Keep the top 1..8 bits (uniform) of each 8-bit value."""
+    return _unpil(ImageOps.posterize(_pil(t), int(rng.integers(1, 9))))
+
+
+def _invert(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return 1.0 - t
+
+
+def _autocontrast(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return _unpil(ImageOps.autocontrast(_pil(t)))
+
+
+def _equalize(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return _unpil(ImageOps.equalize(_pil(t)))
+
+
+def _rotate(t: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rotation by U(-45, 45) degrees, black fill."""
+    return rotate_image(t, float(rng.uniform(-45.0, 45.0)), 0.0)
+
+
+#: DRAEM's augmenters, in its order; :func:`augment_texture` applies a few distinct ones.
+TEXTURE_AUGMENTERS = {
+    "gamma": _gamma, "brightness": _brightness, "sharpness": _sharpness, "hue_saturation": _hue_saturation,
+    "solarize": _solarize, "posterize": _posterize, "invert": _invert, "autocontrast": _autocontrast,
+    "equalize": _equalize, "rotate": _rotate,
+}
+
+
+def augment_texture(texture: np.ndarray, rng: np.random.Generator, count: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    """``count`` distinct augmenters of :data:`TEXTURE_AUGMENTERS`, drawn without replacement and applied
+    in the order drawn (DRAEM: 3), so one texture file yields many different anomalies. Returns the
+    float32 HxWx3 texture in [0, 1] and the names applied."""
+    names = list(TEXTURE_AUGMENTERS)
+    chosen = tuple(names[int(i)] for i in rng.choice(len(names), size=count, replace=False)) if count else ()
+    for name in chosen:
+        texture = np.clip(TEXTURE_AUGMENTERS[name](texture, rng), 0.0, 1.0).astype(np.float32)
+    return texture, chosen
+
+
+# ---------------------------------------------------------------------------------------- parameters
+#: DeSTSeg's normal-image rotations: (probability, uniform angle range, first a random multiple of 90).
+IMAGE_ROTATIONS: dict[str, tuple[float, float, bool]] = {
+    "none": (0.0, 0.0, False), "small": (1.0, 5.0, False), "right": (1.0, 5.0, True),
+}
+#: DeSTSeg's fill colour of the rotated normal image (114 of 255 in every channel).
+GREY_FILL = 114.0 / 255.0
+
+
+@dataclass(frozen=True)
+class SynthesisParams:
+    """Everything a method chooses about the synthesis; the code that applies it is one.
+
+    ``clean_probability``: share of samples returned clean (empty mask). ``beta``: the blend
+    factor's range ``[low, high)`` (the image's weight inside the mask). ``threshold``, ``scales``,
+    ``mask_angle``: the Perlin mask (threshold, inclusive lattice exponent range per axis,
+    rotation range in degrees). ``texture_augmenters``: how many distinct
+    :data:`TEXTURE_AUGMENTERS` are applied to each texture. ``rotate_probability``,
+    ``rotate_angle``, ``rotate_right_angles``, ``rotate_fill``: the normal image is rotated with
+    that probability by U(-angle, angle) degrees (after a random multiple of 90 degrees if asked),
+    the uncovered corners filled with ``rotate_fill``; it is then both the input's base and the
+    clean target. ``match_gray``: grayscale images get grayscale textures (this project's choice:
+    on grayscale parts a coloured texture would make colour the cue a model learns).
+    """
+
+    clean_probability: float = 0.0
+    beta: tuple[float, float] = (0.0, MAX_BETA)
+    threshold: float = THRESHOLD
+    scales: tuple[int, int] = (MIN_SCALE, MAX_SCALE)
+    mask_angle: float = MAX_ANGLE
+    texture_augmenters: int = 0
+    rotate_probability: float = 0.0
+    rotate_angle: float = 0.0
+    rotate_right_angles: bool = False
+    rotate_fill: float = 0.0
+    match_gray: bool = True
+
+    def __post_init__(self) -> None:
+        n = len(TEXTURE_AUGMENTERS)
+        checks = (
+            ("clean_probability", 0.0 <= self.clean_probability <= 1.0, "in [0, 1]"),
+            ("beta", 0.0 <= self.beta[0] < self.beta[1] <= 1.0, "a range 0 <= low < high <= 1"),
+            ("threshold", math.isfinite(self.threshold), "a finite number"),
+            ("scales", 0 <= self.scales[0] <= self.scales[1] <= 12, "a range 0 <= low <= high <= 12"),
+            ("mask_angle", 0.0 <= self.mask_angle <= 180.0, "in [0, 180]"),
+            ("texture_augmenters", 0 <= self.texture_augmenters <= n, f"a whole number in 0..{n}"),
+            ("rotate_probability", 0.0 <= self.rotate_probability <= 1.0, "in [0, 1]"),
+            ("rotate_angle", 0.0 <= self.rotate_angle <= 180.0, "in [0, 180]"),
+            ("rotate_fill", 0.0 <= self.rotate_fill <= 1.0, "in [0, 1]"),
+        )
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ThreecadError(f"synthesis {name} must be {allowed}, got {getattr(self, name)!r}")
+
+
+#: CFRG (official code): every sample anomalous, no texture augmentation, no image rotation.
+CFRG_SYNTHESIS = SynthesisParams()
+#: DRAEM (official code): half the samples clean, three texture augmenters, the normal image rotated
+#: by U(-90, 90) degrees with black fill with probability 0.3.
+DRAEM_SYNTHESIS = SynthesisParams(clean_probability=0.5, texture_augmenters=3, rotate_probability=0.3,
+                                  rotate_angle=90.0, rotate_fill=0.0)
+
+
+def destseg_synthesis(rotation: str = "none") -> SynthesisParams:
+    """DeSTSeg (official code): every sample anomalous, no texture augmentation, the normal image
+    rotated per :data:`IMAGE_ROTATIONS` ``rotation`` with grey fill."""
+    if rotation not in IMAGE_ROTATIONS:
+        raise ThreecadError(f"unknown image rotation {rotation!r}; choose from {', '.join(IMAGE_ROTATIONS)}")
+    probability, angle, right = IMAGE_ROTATIONS[rotation]
+    return SynthesisParams(rotate_probability=probability, rotate_angle=angle, rotate_right_angles=right,
+                           rotate_fill=GREY_FILL)
+
+
 # ---------------------------------------------------------------------------------------- dataset
 class SyntheticAnomalyDataset(torch.utils.data.Dataset):
     """Wraps a dataset of normal images (items with an ``image`` 3xHxW in [0, 1]) with synthesis.
 
-    Items: ``image`` (clean), ``augmented`` (with a synthetic anomaly), ``mask`` (1xHxW {0, 1}),
-    ``beta``, ``angle``, ``cells`` (the draws, for inspection). Grayscale images (three equal
-    channels) get grayscale textures unless ``match_gray=False``. With probability
-    ``clean_probability`` a sample stays clean (empty mask, augmented == image); the official CFRG
-    value is 0 (every sample gets an anomaly; about 5 % of masks come out empty anyway).
+    Items: ``image`` (the clean target: the normal image, rotated when ``params`` rotate it),
+    ``augmented`` (with a synthetic anomaly), ``mask`` (1xHxW {0, 1}), ``clean`` (True when the
+    draw left the sample clean), and the draws for inspection: ``beta``, ``angle`` (of the mask),
+    ``cells``, ``image_angle`` (of the normal image, 0 when not rotated), ``augmenters`` (names
+    applied to the texture). ``params`` (default :data:`CFRG_SYNTHESIS`) says what is drawn;
+    ``clean_probability``, ``max_beta`` and ``match_gray``, when given, replace those fields of it.
 
     Randomness: draws for item ``index`` come from ``default_rng([seed, epoch, index])``; call
     :meth:`set_epoch` before each epoch (DataLoader workers receive a fresh copy every epoch unless
-    ``persistent_workers`` is set, which this class refuses to rely on).
+    ``persistent_workers`` is set, which this class refuses to rely on). A draw that a parameter
+    switches off is not made, so CFRG's parameters give the same samples as before the others
+    existed.
     """
 
     def __init__(
         self,
         base: torch.utils.data.Dataset,
         textures: TextureBank | str | Path | None = None,
-        clean_probability: float = 0.0,
+        clean_probability: float | None = None,
         seed: int = 42,
-        max_beta: float = MAX_BETA,
-        match_gray: bool = True,
+        max_beta: float | None = None,
+        match_gray: bool | None = None,
+        params: SynthesisParams | None = None,
     ):
-        if not 0.0 <= clean_probability <= 1.0:
-            raise ThreecadError(f"clean_probability must be in [0, 1], got {clean_probability}")
+        params = params if params is not None else CFRG_SYNTHESIS
+        given = {"clean_probability": clean_probability, "match_gray": match_gray,
+                 "beta": None if max_beta is None else (params.beta[0], float(max_beta))}
+        self.params = replace(params, **{key: value for key, value in given.items() if value is not None})
         self.base = base
         if not isinstance(textures, TextureBank):
             textures = TextureBank(textures, images=base)
         self.textures = textures
         if len(base):
             self.textures.prepare(tuple(base[0]["image"].shape[-2:]))
-        self.clean_probability = float(clean_probability)
         self.seed = int(seed)
-        self.max_beta = float(max_beta)
-        self.match_gray = bool(match_gray)
         self.epoch = 0
+
+    @property
+    def clean_probability(self) -> float:
+        return self.params.clean_probability
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -344,20 +525,33 @@ class SyntheticAnomalyDataset(torch.utils.data.Dataset):
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.epoch, int(index)])
 
+    def _rotated(self, clean: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, float]:
+        p = self.params
+        if p.rotate_probability <= 0.0 or rng.random() >= p.rotate_probability:
+            return clean, 0.0
+        angle = 90.0 * int(rng.integers(4)) if p.rotate_right_angles else 0.0
+        angle += float(rng.uniform(-p.rotate_angle, p.rotate_angle)) if p.rotate_angle else 0.0
+        image = rotate_image(clean.numpy().transpose(1, 2, 0), angle, p.rotate_fill)
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), angle
+
     def __getitem__(self, index: int) -> dict:
+        p = self.params
         item = self.base[index]
-        clean = item["image"]
+        rng = self.rng(index)
+        clean, image_angle = self._rotated(item["image"], rng)
         image = clean.numpy().transpose(1, 2, 0)
         shape = image.shape[:2]
-        rng = self.rng(index)
-        out = {"image": clean, "path": item.get("path", ""), "category": item.get("category", "")}
-        if rng.random() < self.clean_probability:
-            out.update(augmented=clean.clone(), mask=torch.zeros(1, *shape), beta=1.0, angle=0.0, cells=(0, 0))
+        out = {"image": clean, "path": item.get("path", ""), "category": item.get("category", ""),
+               "image_angle": image_angle}
+        if rng.random() < p.clean_probability:
+            out.update(augmented=clean.clone(), mask=torch.zeros(1, *shape), beta=1.0, angle=0.0, cells=(0, 0),
+                       clean=True, augmenters=())
             return out
-        mask, draw = perlin_mask(shape, rng)
-        beta = float(rng.uniform(0.0, self.max_beta))
+        mask, draw = perlin_mask(shape, rng, p.threshold, p.scales, p.mask_angle)
+        beta = float(rng.uniform(p.beta[0], p.beta[1]))
         texture = self.textures.draw(rng, shape, exclude=index)
-        if self.match_gray:
+        texture, augmenters = augment_texture(texture, rng, p.texture_augmenters)
+        if p.match_gray:
             texture = gray_like(image, texture)
         augmented = blend(image, texture, mask, beta)
         out.update(
@@ -366,22 +560,19 @@ class SyntheticAnomalyDataset(torch.utils.data.Dataset):
             beta=beta,
             angle=draw.angle,
             cells=draw.cells,
+            clean=False,
+            augmenters=augmenters,
         )
         return out
 
 
-def synthesize(
-    images: Sequence[np.ndarray], rng: np.random.Generator, textures: TextureBank | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Synthesise anomalies for HxWx3 float images in [0, 1]: (augmented N x H x W x 3, masks N x H x W)."""
-    textures = textures or TextureBank()
-    augmented, masks = [], []
-    for image in images:
-        mask, _ = perlin_mask(image.shape[:2], rng)
-        beta = float(rng.uniform(0.0, MAX_BETA))
-        augmented.append(blend(image, textures.draw(rng, image.shape[:2]), mask, beta))
-        masks.append(mask)
-    return np.stack(augmented), np.stack(masks)
+def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack ``image``, ``augmented`` and ``mask`` of :class:`SyntheticAnomalyDataset` items of one size."""
+    shapes = {tuple(item["image"].shape) for item in items}
+    if len(shapes) > 1:
+        raise ThreecadError(f"synthetic anomalies train on batches of one image size, got {sorted(shapes)}: "
+                            "use --resize squash")
+    return {key: torch.stack([item[key].float() for item in items]) for key in ("image", "augmented", "mask")}
 
 
 # ----------------------------------------------------------------------- defect-like anomalies

@@ -63,12 +63,6 @@ ALIASES: dict[str, str] = {
     "iron_stator": "Iron_Stator",
 }
 
-TOTAL_TRAIN = 10_493
-TOTAL_TEST_GOOD = 5_084
-TOTAL_TEST_DEFECT = 11_462
-TOTAL_DEFECT_TYPES = 47
-
-
 @dataclass(frozen=True)
 class ArchiveSource:
     """Where a released archive lives.

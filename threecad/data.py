@@ -20,14 +20,14 @@ Images are returned as float32 RGB tensors in [0, 1] (grayscale replicated to th
 normalisation belongs to the model, since backbones disagree on it. Masks are float32 {0, 1}.
 
 A source is either a dataset folder in the layout of :mod:`threecad.layout` or a manifest table
-(``.csv`` or ``.parquet``) with one row per image; :func:`tabular_frame` writes the table anomalib's
-``Tabular`` dataset reads (``image_path, label_index, split, mask_path``), and the same table reads
-back here, so a split made once is usable in both.
+(``.csv`` or ``.parquet``, read by :func:`threecad.manifest.read_manifest`) with one row per image;
+:func:`tabular_frame` writes the table anomalib's ``Tabular`` dataset reads (``image_path,
+label_index, split, mask_path``), and the same table reads back here, so a split made once is
+usable in both.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
@@ -39,7 +39,10 @@ from PIL import Image
 
 from threecad.errors import ThreecadError
 from threecad.io import atomic_write, open_image, read_image
-from threecad.layout import GOOD, SPLITS, Sample, list_categories, list_samples
+from threecad.layout import SPLITS, Sample, list_categories, list_samples
+
+# the one manifest reader; image_metadata is re-exported for the exporters that read it from here
+from threecad.manifest import MANIFEST_SUFFIXES, image_metadata, is_manifest, samples_from_manifest  # noqa: F401
 
 ResizeMode = Literal["squash", "aspect", "native"]
 ExposureMode = Literal["raw", "mean"]
@@ -150,91 +153,6 @@ def prepare_image(
     return normalize_exposure(image, exposure)
 
 
-MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
-#: Split names accepted in manifests, mapped to ours (anomalib writes ``val``).
-_SPLIT_ALIASES = {"train": "train", "validation": "validation", "val": "validation", "valid": "validation",
-                  "test": "test"}
-_LABEL_WORDS = {"good": 0, "normal": 0, "ok": 0, "0": 0, "defect": 1, "defective": 1, "abnormal": 1,
-                "anomalous": 1, "anomaly": 1, "ng": 1, "1": 1}
-
-
-def is_manifest(path: str | Path) -> bool:
-    path = Path(path)
-    return path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A CSV or parquet table, with a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise ThreecadError("manifest not found", path)
-    try:
-        if path.suffix.lower() == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False)
-        if path.suffix.lower() in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-    except Exception as exc:
-        raise ThreecadError(f"unreadable manifest ({exc.__class__.__name__}: {exc})", path) from None
-    raise ThreecadError(f"unknown manifest format {path.suffix!r}; expected .csv or .parquet", path)
-
-
-def _cell(row: dict, *names: str) -> str:
-    for name in names:
-        value = row.get(name)
-        if value is not None and not (isinstance(value, float) and np.isnan(value)) and str(value) != "":
-            return str(value)
-    return ""
-
-
-def samples_from_manifest(
-    path: str | Path, category: str | None = None, split: str | None = None, root: str | Path | None = None
-) -> list[Sample]:
-    """The rows of a manifest table as samples, filtered by category and split.
-
-    Columns: ``image_path`` (required); ``mask_path``; the label as ``label_index`` (0/1) or
-    ``label`` (0/1 or good/defect/normal/abnormal); ``split`` (train, validation or val, test);
-    ``category``; ``defect`` (or ``defect_type``). Relative paths are resolved against ``root``,
-    by default the manifest's folder. A missing label is 1 when the row has a mask or a
-    non-``good`` defect, a missing defect is ``good`` or ``defect`` by label. The columns ``image``
-    and ``mask`` of the preprocess/split manifests (:mod:`threecad.manifest`) are read as
-    ``image_path`` and ``mask_path``, so those manifests load as they are.
-    """
-    path = Path(path)
-    table = read_table(path)
-    if "image_path" not in table.columns and "image" not in table.columns:
-        raise ThreecadError(f"manifest has no image_path (or image) column (columns: {', '.join(map(str, table.columns))})", path)
-    base = Path(root) if root is not None else path.parent
-    samples: list[Sample] = []
-    for number, row in enumerate(table.to_dict("records"), start=2):
-        image = Path(_cell(row, "image_path", "image"))
-        if str(image) in ("", "."):
-            raise ThreecadError(f"row {number}: empty image_path", path)
-        mask_text = _cell(row, "mask_path", "mask")
-        mask = (base / mask_text) if mask_text else None
-        defect = _cell(row, "defect", "defect_type")
-        label_text = _cell(row, "label_index", "label").lower()
-        if label_text:
-            if label_text.endswith(".0"):
-                label_text = label_text[:-2]
-            if label_text not in _LABEL_WORDS:
-                raise ThreecadError(f"row {number}: unknown label {label_text!r}; expected 0/1 or good/defect", path)
-            label = _LABEL_WORDS[label_text]
-        else:
-            label = int(mask is not None or (defect not in ("", GOOD)))
-        defect = defect or (GOOD if label == 0 else "defect")
-        split_text = _cell(row, "split").lower()
-        row_split = _SPLIT_ALIASES.get(split_text) if split_text else "test"
-        if row_split is None:
-            raise ThreecadError(f"row {number}: unknown split {split_text!r}; expected train, validation or test", path)
-        row_category = _cell(row, "category") or (category or "")
-        if (split is not None and row_split != split) or (category is not None and row_category != category):
-            continue
-        if label == 1 and mask is None:
-            raise ThreecadError(f"row {number}: defective image without a mask_path", path)
-        samples.append(Sample(base / image, mask, label, row_category, defect, row_split))
-    return samples
-
-
 def collect_samples(source: str | Path, category: str | None, split: str | None = "test") -> list[Sample]:
     """Samples of a dataset folder or a manifest (chosen by what ``source`` is).
 
@@ -292,66 +210,6 @@ def write_tabular(source: str | Path, out: str | Path, category: str | None = No
         else:
             frame.to_parquet(handle, index=False)
     return out
-
-
-#: Files in a dataset root that carry per-image metadata, looked for in this order.
-METADATA_FILES = ("manifest.parquet", "manifest.csv", "import_manifest.csv", "synth_dataset.json")
-
-
-def image_metadata(root: str | Path, path: str | Path | None = None) -> dict[str, dict]:
-    """Per-image metadata (``defect_types``, ``source_path``, ``box``) keyed by path relative to ``root``.
-
-    Read from ``path`` (a table with ``image_path`` or ``image`` and any of ``defect_types``
-    (';'-joined or a list), ``source_path`` or ``source``, ``x0, y0, x1, y1``; or a
-    ``synth_dataset.json``), by default from the first of
-    :data:`METADATA_FILES` found in ``root``. Images without metadata are simply absent.
-    """
-    root = Path(root)
-    candidates = [Path(path)] if path is not None else [root / name for name in METADATA_FILES]
-    meta: dict[str, dict] = {}
-    for file in candidates:
-        if not file.is_file():
-            if path is not None:
-                raise ThreecadError("metadata file not found", file)
-            continue
-        if file.suffix == ".json":
-            try:
-                data = json.loads(file.read_text())
-            except ValueError as exc:
-                raise ThreecadError(f"unreadable metadata JSON ({exc})", file) from None
-            for category, rows in (data.get("test") or {}).items():
-                for row in rows:
-                    meta[f"{category}/{row['path']}"] = {"defect_types": list(row.get("defect_types") or [])}
-        else:
-            table = read_table(file)
-            for row in table.to_dict("records"):
-                image = Path(_cell(row, "image_path", "image"))
-                if str(image) in ("", "."):
-                    continue
-                key = (image if image.is_absolute() else (file.parent / image)).resolve()
-                try:
-                    rel = key.relative_to(root.resolve()).as_posix()
-                except ValueError:
-                    continue
-                entry: dict = {}
-                types = row.get("defect_types")
-                if isinstance(types, str) and types:
-                    entry["defect_types"] = types.split(";")
-                elif types is not None and not isinstance(types, (str, float)):
-                    entry["defect_types"] = [str(t) for t in types]
-                source = _cell(row, "source_path", "source")
-                if source:
-                    entry["source_path"] = source
-                box = [_cell(row, k) for k in ("x0", "y0", "x1", "y1")]
-                if all(box):
-                    try:
-                        entry["box"] = [int(float(b)) for b in box]
-                    except ValueError:
-                        raise ThreecadError(f"non-numeric box {box} for {image}", file) from None
-                meta[rel] = entry
-        if path is None:
-            break
-    return meta
 
 
 def iter_samples(

@@ -5,35 +5,34 @@ Source layout: ``<src>/<Class>/.../<name>.<ext>`` with the mask beside the image
 masks) or ``<name>_mask<mask suffix>``. Classes named with ``normal`` hold defect-free images
 (their masks, if any, must be empty); every other class is a defect type.
 
-The split is the unsupervised-benchmark one: a seeded ``train_fraction`` of the normal images
+The split is the unsupervised-benchmark one, made by :func:`threecad.split.assign_splits` (the
+function ``preprocess`` and ``split`` use): a seeded ``train_fraction`` of the normal images
 trains, a seeded ``validation_fraction`` of those moves to ``validation/good`` (model selection
 without touching test), and the remaining normals plus every defective image form the test set.
-Normal images with identical bytes stay on one side, so the import never creates train/test
-leakage that ``verify`` would flag. Images are copied byte for byte (or hard-linked), EXIF
+Normal images with identical bytes form one group that stays on one side (the fractions count
+groups), so the import never creates train/test leakage that ``verify`` would flag. Images are copied byte for byte (or hard-linked), EXIF
 orientation included; masks are read in the displayed orientation (:func:`threecad.io.open_image`),
 binarised and written upright as 0/255 PNGs named like their image (3CAD style), so they line up
 with the image as every reader here shows it.
 
 The output is built in a temporary sibling folder and renamed into place when complete. It also
-holds ``import_manifest.csv`` (the anomalib-``Tabular`` table plus each file's ``source_path``)
-and ``import.json`` (the settings and counts), so every file can be traced to its source.
+holds the manifest (:mod:`threecad.manifest`; ``source`` is each file's path below the source
+folder) and ``import.json`` (the settings, the source folder included, and the counts), so every
+file can be traced to its source.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from threecad.data import read_mask, tabular_frame
+from threecad.data import read_mask
 from threecad.errors import ThreecadError
 from threecad.io import (
-    atomic_write,
     check_output_dir,
     image_size,
     read_image,
@@ -43,8 +42,10 @@ from threecad.io import (
     to_uint8,
     write_json,
 )
-from threecad.layout import GOOD, IMAGE_SUFFIXES, MVTEC_SUFFIX, Sample
+from threecad.layout import GOOD, IMAGE_SUFFIXES, MVTEC_SUFFIX
+from threecad.manifest import MANIFEST, manifest_row, write_manifest
 from threecad.progress import progress
+from threecad.split import Group, assign_splits, place_file
 
 log = logging.getLogger(__name__)
 
@@ -233,25 +234,16 @@ def import_folder(
             masks[item.image] = binary
         kept.append(item)
 
-    # Seeded split of the normals, by groups of identical bytes.
-    normal_items = [i for i in kept if i.defect == GOOD]
+    # Seeded split of the normals (threecad.split.assign_splits, as preprocess and split do it), by
+    # groups of identical bytes: the fractions count groups, and twins land on one side.
     groups: dict[str, list[_Item]] = {}
-    for item in progress(normal_items, desc="hash normals"):
+    for item in progress([i for i in kept if i.defect == GOOD], desc="hash normals"):
         groups.setdefault(sha256_file(item.image), []).append(item)
-    ordered = list(groups.values())
-    rng = np.random.default_rng(seed)
-    n_train = round(train_fraction * len(normal_items))
-    n_val = round(validation_fraction * n_train)
-    assigned = 0
-    for index in rng.permutation(len(ordered)):
-        group = ordered[index]
-        if assigned < n_train:
-            split = "validation" if assigned < n_val else "train"
-            assigned += len(group)
-        else:
-            split = "test"
-        for item in group:
-            item.split = split
+    sides = assign_splits([Group(key, category, defective=False) for key in groups], train_fraction,
+                          validation_fraction, 0.0, seed)
+    for key, members in groups.items():
+        for item in members:
+            item.split = sides[key]
 
     names: dict[Path, Path] = {}
     for item in kept:
@@ -262,23 +254,21 @@ def import_folder(
         names[item.image] = rel
 
     with staged_dir(out) as tmp:
-        samples: list[Sample] = []
+        rows = []
         for item in progress(kept, desc="import"):
             target = tmp / names[item.image]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            _copy(item.image, target, link)
-            mask_path = None
+            place_file(item.image, target, "hardlink" if link else "copy")
+            mask_rel = ""
             if item.defect != GOOD:
-                mask_path = tmp / category / "ground_truth" / item.defect / f"{item.image.stem}.png"
-                save_image(mask_path, masks[item.image].astype(np.uint8) * 255)
-            samples.append(Sample(target, mask_path, int(item.defect != GOOD), category, item.defect, item.split))
+                mask_rel = f"{category}/ground_truth/{item.defect}/{item.image.stem}.png"
+                save_image(tmp / mask_rel, masks[item.image].astype(np.uint8) * 255)
+            rows.append(manifest_row(tmp, names[item.image].as_posix(), category=category, split=item.split,
+                                     defect=item.defect, source=item.image.relative_to(src).as_posix(),
+                                     mask=mask_rel, mask_array=masks.get(item.image),
+                                     defect_types=() if item.defect == GOOD else (item.defect,)))
             key = f"{item.split}/{item.defect}"
             report.counts[key] = report.counts.get(key, 0) + 1
-        frame = tabular_frame(samples, relative_to=tmp)
-        frame["source_path"] = [item.image.resolve().as_posix() for item in kept]
-        frame["defect_types"] = ["" if item.defect == GOOD else item.defect for item in kept]  # one per class folder
-        with atomic_write(tmp / "import_manifest.csv", "w") as handle:
-            frame.to_csv(handle, index=False)
+        write_manifest(sorted(rows, key=lambda r: r["image"]), tmp / MANIFEST)
         settings = {"source": str(src.resolve()), "preset": preset, "normal": sorted(normal_names),
                     "strip_prefix": strip_prefix, "lowercase": lowercase, "mask_threshold": mask_threshold,
                     "train_fraction": train_fraction, "validation_fraction": validation_fraction}
@@ -287,12 +277,3 @@ def import_folder(
     log.info("imported %d images into %s", len(kept), out / category)
     return report
 
-
-def _copy(source: Path, target: Path, link: bool) -> None:
-    if link:
-        try:
-            os.link(source, target)
-            return
-        except OSError:
-            pass
-    shutil.copyfile(source, target)

@@ -49,7 +49,6 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 import pandas as pd
 import shapely.affinity
-from scipy import ndimage
 
 from threecad.annotations import (
     GeometryWorker,
@@ -65,9 +64,9 @@ from threecad.annotations import shapes as S
 from threecad.annotations.labelmap import IGNORED, MAX_NAME_CHARS, UNKNOWN, folder_name_problem
 from threecad.annotations.raster import rle_counts, rle_encode, rle_size
 from threecad.errors import ThreecadError, shorten
-from threecad.io import image_header, image_size, read_image, save_image, sha256_file, write_json, write_text
+from threecad.io import image_header, image_size, read_image, save_image, write_json, write_text
 from threecad.layout import GOOD, IMAGE_SUFFIXES
-from threecad.manifest import COLUMNS, write_manifest
+from threecad.manifest import COLUMNS, manifest_row, write_manifest
 from threecad.paths import check_component, safe_join, unsafe_reason
 from threecad.progress import progress
 from threecad.split import Group, assign_splits
@@ -493,38 +492,19 @@ def process_source(raw: Path, out: Path, src: Source, cfg: PreprocessConfig) -> 
         name = f"{src.flat}_{x0}_{y0}_{x1}_{y1}"
         image_rel = f"{src.category}/{split}/{folder}/{name}.png"
         save_image(_target(out, image_rel), np.ascontiguousarray(image[y0:y1, x0:x1]), compress_type=zlib.Z_RLE)
-        mask_rel, mask_sha, regions, coco = "", "", 0, []
+        mask_rel, coco = "", []
         if defective:
             mask_rel = f"{src.category}/ground_truth/{folder}/{name}{cfg.mask_suffix}.png"
             save_image(_target(out, mask_rel), crop.astype(np.uint8) * 255, compress_type=zlib.Z_RLE)
-            mask_sha = sha256_file(out / mask_rel)
-            regions = int(ndimage.label(crop, structure=np.ones((3, 3)))[1])
             for t in present:
                 part = by_type[t][y0:y1, x0:x1]
                 ys, xs = np.nonzero(part.any(axis=1))[0], np.nonzero(part.any(axis=0))[0]
                 bbox = [int(xs[0]), int(ys[0]), int(xs[-1] - xs[0] + 1), int(ys[-1] - ys[0] + 1)]
                 coco.append({"defect_type": t, "rle": rle_encode(part), "area": areas[t], "bbox": bbox})
-        record["tiles"].append(
-            {
-                "category": src.category,
-                "split": split,
-                "label": int(defective),
-                "defect": folder,
-                "defect_types": ";".join(present),
-                "region_count": regions,
-                "defect_area": int(crop.sum()),
-                "source": src.image,
-                "x0": x0, "y0": y0, "x1": x1, "y1": y1,
-                "width": x1 - x0,
-                "height": y1 - y0,
-                "image": image_rel,
-                "mask": mask_rel,
-                "image_sha256": sha256_file(out / image_rel),
-                "mask_sha256": mask_sha,
-                "repairs": repairs,
-                "coco": coco,
-            }
-        )  # fmt: skip
+        row = manifest_row(out, image_rel, category=src.category, split=split, defect=folder, source=src.image,
+                           mask=mask_rel, mask_array=crop, defect_types=present, box=(x0, y0, x1, y1),
+                           repairs=repairs)
+        record["tiles"].append(row | {"coco": coco})
     write_json(_record_path(out, src), record, indent=None)
     return record
 

@@ -24,8 +24,8 @@ import pandas as pd
 
 from threecad.errors import ThreecadError
 from threecad.io import check_output_dir
-from threecad.layout import GOOD, list_categories, list_samples
-from threecad.manifest import read_manifest, write_manifest
+from threecad.layout import GOOD, SPLITS, list_categories, list_samples
+from threecad.manifest import COLUMNS, MANIFEST, find_manifest, manifest_row, read_manifest, write_manifest
 from threecad.progress import progress
 
 log = logging.getLogger(__name__)
@@ -98,46 +98,53 @@ def _groups_of(pool: pd.DataFrame) -> list[Group]:
     return groups
 
 
+def _own_source(split: str, defect: str, stem: str) -> str:
+    """The source of an image of a folder pool: the frame a tile name points to, else the image itself."""
+    match = _TILE.match(stem)
+    return match.group("source") if match else f"{split}/{defect}/{stem}"
+
+
 def pool_from_folder(root: str | Path) -> pd.DataFrame:
-    """Every image of a dataset tree (all splits) as a pool; tiles are grouped by their source name."""
+    """Every image of a dataset tree (all splits) as a manifest table; tiles are grouped by their source
+    name (``<source>_<x0>_<y0>_<x1>_<y1>``, the box too). Files are not hashed (checksums left empty)."""
+    from threecad.data import read_mask  # lazy: threecad.data pulls in torch
+
     root = Path(root)
     rows = []
     for category in list_categories(root):
-        for split in ("train", "validation", "test"):
+        for split in SPLITS:
             for s in list_samples(root, category, split):
                 match = _TILE.match(s.stem)
-                source = match.group("source") if match else f"{split}/{s.defect}/{s.stem}"
+                box = tuple(int(v) for v in match.groups()[1:]) if match else None
                 mask = s.mask_path if s.mask_path is not None and s.mask_path.exists() else None
-                area = 0
-                if mask is not None:
-                    from threecad.data import read_mask  # lazy: threecad.data pulls in torch
-
-                    area = int(read_mask(mask).sum())
-                rows.append(
-                    {
-                        "category": category,
-                        "split": split,
-                        "label": s.label,
-                        "defect": s.defect,
-                        "defect_area": area,
-                        "source": source,
-                        "image": str(s.image_path.relative_to(root)),
-                        "mask": "" if mask is None else str(mask.relative_to(root)),
-                    }
-                )
+                rows.append(manifest_row(
+                    root, s.image_path.relative_to(root).as_posix(), category=category, split=split,
+                    defect=s.defect, source=_own_source(split, s.defect, s.stem),
+                    mask="" if mask is None else mask.relative_to(root).as_posix(),
+                    mask_array=None if mask is None else read_mask(mask),
+                    defect_types=() if s.label == 0 else (s.defect,), box=box, hashed=False))
     if not rows:
         raise ThreecadError("no images found", root)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
 def load_pool(source: str | Path) -> tuple[pd.DataFrame, Path]:
-    """(pool table, folder its relative paths start from) from a manifest file or a dataset folder."""
+    """(pool table, folder its relative paths start from) from a manifest file, a dataset folder's
+    manifest (:func:`threecad.manifest.find_manifest`) or, without one, the folder's images.
+
+    A row without a ``source`` (a foreign table) is its own source, as in a folder pool.
+    """
     source = Path(source)
     if source.is_file():
-        return read_manifest(source), source.parent
-    if (source / "manifest.parquet").is_file():
-        return read_manifest(source / "manifest.parquet"), source
-    return pool_from_folder(source), source
+        pool, base = read_manifest(source), source.parent
+    elif (manifest := find_manifest(source)) is not None:
+        pool, base = read_manifest(manifest), source
+    else:
+        return pool_from_folder(source), source
+    own = [_own_source(r["split"], r["defect"], Path(r["image"]).stem)
+           for r in pool[["split", "defect", "image"]].to_dict("records")]
+    pool["source"] = [s or o for s, o in zip(pool["source"], own)]
+    return pool, base
 
 
 def split_dataset(
@@ -190,15 +197,17 @@ def split_dataset(
         for row in progress(new_rows, desc="materialise"):
             for src, dst in ((row["pool_image"], row["image"]), (row["pool_mask"], row["mask"])):
                 if src:
-                    _link(Path(src), out / dst, materialize)
-    write_manifest(result, out / "manifest")
+                    place_file(Path(src), out / dst, materialize)
+    write_manifest(result, out / MANIFEST)
     counts = result.groupby(["category", "split", "label"]).size()
     summary = {f"{c}/{s}/{'defect' if lab else 'good'}": int(n) for (c, s, lab), n in counts.items()}
     log.info("split %d images of %d groups into %s", len(result), len(assignment), out)
     return {"images": len(result), "groups": len(assignment), "counts": summary}
 
 
-def _link(src: Path, dst: Path, how: str) -> None:
+def place_file(src: Path, dst: Path, how: str) -> None:
+    """Put ``src`` at ``dst`` (replacing it): a hard link for ``how="hardlink"`` where the file system
+    allows one, else a copy written beside ``dst`` and renamed into place."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists():
         dst.unlink()

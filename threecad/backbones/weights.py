@@ -131,9 +131,10 @@ def verify_sha256(path: Path, spec: WeightSpec) -> None:
 def _package_file(spec: WeightSpec) -> Path | None:
     if spec.package is None:
         return None
-    try:
+    try:  # a third-party weights package; efficientnet-lite2's is an optional extra (threecad[lite2])
         module = importlib.import_module(spec.package)
-    except ImportError:
+    except ImportError as exc:
+        log.debug("weights package %s is not importable (%s)", spec.package, exc)
         return None
     path = Path(module.__file__).parent / "models" / spec.file_name
     return path if path.is_file() else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 from threecad.progress import progress
@@ -34,3 +35,12 @@ def iter_batches(
             run.append(item)
         if run:
             yield torch.stack([r["image"] for r in run]), run
+
+
+def train_subset(data: torch.utils.data.Dataset, count: int, seed: int) -> torch.utils.data.Dataset:
+    """A seeded subset of ``count`` items of ``data`` in index order (reduced training budgets);
+    ``count`` <= 0 or >= ``len(data)``: ``data`` itself."""
+    if count <= 0 or count >= len(data):
+        return data
+    keep = np.random.default_rng(seed).choice(len(data), size=count, replace=False)
+    return torch.utils.data.Subset(data, sorted(keep.tolist()))

@@ -46,9 +46,10 @@ class Teacher(nn.Module):
     """Frozen pretrained backbone returning its three tap features as ordinary (autograd-usable) tensors."""
 
     def __init__(self, name: str = PAPER_TEACHER, weights: str | None = "default",
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", layers: Sequence[str] = TEACHER_LAYERS):
         super().__init__()
-        self.extractor = FeatureExtractor(name, layers=TEACHER_LAYERS, weights=weights, device=device)
+        self.layers = tuple(layers)  # other taps for other methods (SimpleNet: strides 8 and 16)
+        self.extractor = FeatureExtractor(name, layers=self.layers, weights=weights, device=device)
         self.name = self.extractor.name
         self.channels = tuple(self.extractor.out_channels)
         # ResNet taps follow a ReLU (>= 0); EfficientNet taps end in a linear projection + BN (signed).
@@ -62,20 +63,48 @@ class Teacher(nn.Module):
         feats = self.extractor(images)
         # The extractor runs under inference_mode; a clone turns its outputs into normal tensors
         # that later autograd-recorded ops may save for backward.
-        return [feats[layer].clone() for layer in TEACHER_LAYERS]
+        return [feats[layer].clone() for layer in self.layers]
 
 
-def build_teacher(name: str, weights: str | None = "default") -> Teacher:
-    """The teacher; a missing WideResNet weight file falls back to the offline Lite0 with a warning."""
+class FrozenPartNet(nn.Module):
+    """Base of a network made of one frozen pretrained part (attribute :attr:`frozen`, e.g. the
+    teacher) and trainable parts: its saved state is the trainable parts only, since the frozen
+    part is rebuilt from its weight file. Used by CFRG, RD/RD++, DeSTSeg, FastFlow and SimpleNet."""
+
+    #: Attribute name of the frozen part.
+    frozen: str = "teacher"
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything except the frozen part."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(f"{self.frozen}.")}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            raise ThreecadError(f"the weights do not fit the network ({str(exc).splitlines()[-1].strip()}); "
+                                "was the run trained with another encoder or other widths?") from None
+        missing = [k for k in missing if not k.startswith(f"{self.frozen}.")]
+        if missing or unexpected:
+            raise ThreecadError(f"the weights do not fit the network (missing {missing[:3]}, unexpected "
+                                f"{unexpected[:3]}); was the run trained with another encoder or method?")
+
+
+#: Paper encoders whose torchvision file a user may lack: without it they fall back to Lite0.
+FALLBACK_TEACHERS = (PAPER_TEACHER, "wide_resnet50", "resnet18")
+
+
+def build_teacher(name: str, weights: str | None = "default", layers: Sequence[str] = TEACHER_LAYERS) -> Teacher:
+    """The teacher; a missing WideResNet (or ResNet-18) weight file falls back to the offline Lite0 with a warning."""
     try:
-        return Teacher(name, weights)
+        return Teacher(name, weights, layers=layers)
     except ThreecadError as exc:
         key = name.strip().lower().replace("-", "_")
-        if key not in (PAPER_TEACHER, "wide_resnet50") or weights not in ("default", "pretrained", "imagenet"):
+        if key not in FALLBACK_TEACHERS or weights not in ("default", "pretrained", "imagenet"):
             raise
         log.warning("%s; falling back to the pretrained %s teacher (the networks trained on it are sized from "
                     "its channels). Place the file to get the paper configuration.", exc, OFFLINE_TEACHER)
-        return Teacher(OFFLINE_TEACHER, "default")
+        return Teacher(OFFLINE_TEACHER, "default", layers=layers)
 
 
 # --------------------------------------------------------------------------------------------- OCBE + decoder
@@ -211,6 +240,22 @@ def cosine_distance_map(targets: Sequence[torch.Tensor], outputs: Sequence[torch
         distance = F.interpolate(distance, size=tuple(size), mode="bilinear", align_corners=True)
         total = distance if total is None else total + distance
     return total[:, 0]
+
+
+def focal_loss(probs: torch.Tensor, target: torch.Tensor, gamma: float, smooth: float = 0.0) -> torch.Tensor:
+    """Mean over pixels of ``-(1 - p_t)^gamma log(p_t)``, ``p_t`` the probability of the true class.
+
+    ``probs`` (B, C, H, W) class probabilities, ``target`` (B, 1, H, W) class indices (a {0, 1}
+    mask for two classes). ``smooth`` > 0 is DRAEM's label smoothing: the one-hot target clamped to
+    ``[smooth / (C - 1), 1 - smooth]`` and ``smooth`` added to ``p_t`` before the log. The log is
+    bounded below by -100 (as binary cross-entropy is, DeSTSeg's formulation). No class weights.
+    """
+    classes = probs.shape[1]
+    onehot = F.one_hot(target[:, 0].long(), classes).permute(0, 3, 1, 2).to(probs.dtype)
+    if smooth > 0:
+        onehot = onehot.clamp(smooth / (classes - 1), 1.0 - smooth)
+    pt = (onehot * probs).sum(1) + smooth
+    return (-(1.0 - pt) ** gamma * torch.log(pt).clamp_min(-100.0)).mean()
 
 
 def count_parameters(module: nn.Module, trainable: bool = True) -> int:

@@ -144,7 +144,8 @@ INPUT_OPTIONS: dict[str, Option] = {
     "resize": Option(str, choices=typing.get_args(ResizeMode)),
     "exposure": Option(str, choices=EXPOSURE_MODES),
 }
-#: Their values when a method is constructed without them (the runner always sets them).
+#: Their values when a method is constructed without them, unless the method recommends others
+#: (:attr:`Method.DEFAULT_INPUTS`); the runner always sets them (``size`` 256 there).
 INPUT_DEFAULTS: dict[str, Any] = {"size": None, "resize": "squash", "exposure": "raw"}
 
 
@@ -172,7 +173,7 @@ class _MethodType(abc.ABCMeta):
         method = cls.__new__(cls)
         for key in INPUT_OPTIONS:
             if key not in own:
-                setattr(method, key, inputs.get(key, INPUT_DEFAULTS[key]))
+                setattr(method, key, inputs.get(key, cls.input_defaults()[key]))
         method.__init__(*args, **kwargs)
         return method
 
@@ -191,6 +192,12 @@ class Method(abc.ABC, metaclass=_MethodType):
     name: ClassVar[str] = ""
     #: One :class:`Option` per constructor argument (see :meth:`options`).
     OPTIONS: ClassVar[dict[str, Option]] = {}
+    #: Input options this method recommends over :data:`INPUT_DEFAULTS` (e.g. ``{"exposure": "mean"}``):
+    #: what validation chose, so that a user who passes nothing gets the recommended transform.
+    DEFAULT_INPUTS: ClassVar[dict[str, Any]] = {}
+    #: ``3cad tune``'s grid: option name -> candidate values, the default first
+    #: (:mod:`threecad.methods.tuning`). Small: every fit-time combination is one fit.
+    TUNE_GRID: ClassVar[dict[str, tuple]] = {}
     #: Folder for a method's own training artefacts (checkpoints, logs); set by the runner before
     #: ``fit``. Not configuration: a method must work with ``None`` (then nothing is written).
     work_dir: Path | None = None
@@ -234,7 +241,14 @@ class Method(abc.ABC, metaclass=_MethodType):
     def defaults(cls) -> dict[str, Any]:
         """The value of every option when it is not given."""
         params = inspect.signature(cls.__init__).parameters
-        return {key: params[key].default if key in params else INPUT_DEFAULTS[key] for key in cls.config_keys()}
+        inputs = cls.input_defaults()
+        return {key: params[key].default if key in params else inputs[key] for key in cls.config_keys()}
+
+    @classmethod
+    def input_defaults(cls) -> dict[str, Any]:
+        """``size``, ``resize`` and ``exposure`` when not given: :data:`INPUT_DEFAULTS` with this
+        method's :attr:`DEFAULT_INPUTS` over them."""
+        return {**INPUT_DEFAULTS, **cls.DEFAULT_INPUTS}
 
     @classmethod
     def options(cls) -> dict[str, Option]:

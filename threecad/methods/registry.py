@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from threecad.errors import ThreecadError, located
-from threecad.methods.method import CONFIG_FILE, INPUT_OPTIONS, RUN_FILE, WEIGHTS_FILE, Method
+from threecad.methods.method import CONFIG_FILE, INPUT_OPTIONS, WEIGHTS_FILE, Method
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +57,8 @@ def _import(module: str) -> None:
 
 def _builtin_modules() -> list[str]:
     modules = []
-    for package in BUILTIN_PACKAGES:
-        try:
-            root = importlib.import_module(package)
-        except ImportError:
-            continue  # an installation without it: its methods are simply absent
+    for package in BUILTIN_PACKAGES:  # shipped with threecad (pyproject's packages): always importable
+        root = importlib.import_module(package)
         modules += [f"{package}.{info.name}" for info in pkgutil.iter_modules(root.__path__)]
     return modules + list(BUILTIN_MODULES)
 
@@ -143,23 +140,12 @@ def check_overrides(cls: type[Method], saved: dict[str, Any], overrides: dict[st
                                 f"(options predict may change: {changeable})", source)
 
 
-def _recorded_inputs(path: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """Input options a run saved before they were part of the method: from its ``run.json``."""
-    missing = [key for key in INPUT_OPTIONS if key not in config]
-    if not missing or not (path / RUN_FILE).is_file():
-        return {}
-    try:
-        record = json.loads((path / RUN_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise ThreecadError(f"unreadable {RUN_FILE} ({exc})", path / RUN_FILE) from None
-    return {key: record[key] for key in missing if isinstance(record, dict) and key in record}
-
-
 def load_method(path: str | Path, **overrides: Any) -> Method:
     """Rebuild a method from a folder written by :meth:`Method.save`.
 
-    A run saved before the input options were part of the method takes them from its
-    ``run.json`` (where the runner recorded them), else their defaults.
+    The saved configuration must name every option it was fitted with, the input options
+    included: a missing one would silently take today's default, which may not be what the weights
+    were fitted with, so it is an error, as is an option the method no longer has.
     """
     path = Path(path)
     config_path = path / CONFIG_FILE
@@ -171,7 +157,10 @@ def load_method(path: str | Path, **overrides: Any) -> Method:
     except (ValueError, KeyError, TypeError) as exc:
         raise ThreecadError(f"corrupt {CONFIG_FILE} ({exc})", config_path) from None
     cls = get_method(name)
-    config.update({k: v for k, v in _recorded_inputs(path, config).items() if k in cls.config_keys()})
+    missing = [key for key in INPUT_OPTIONS if key not in config]
+    if missing:
+        raise ThreecadError(f"{CONFIG_FILE} does not record {', '.join(missing)} (saved by an older threecad): "
+                            "train the run again", config_path)
     check_overrides(cls, config, overrides, path)
     config.update(overrides)
     with located(path):  # an override out of its range: name the run

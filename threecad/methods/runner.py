@@ -30,7 +30,6 @@ import inspect
 import json
 import logging
 import os
-import random
 import shutil
 import time
 from collections.abc import Sequence
@@ -38,7 +37,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from threecad import __version__
@@ -53,18 +51,12 @@ from threecad.methods.batching import iter_batches
 from threecad.methods.inputs import native_size_maps
 from threecad.methods.method import CONFIG_FILE, INPUT_OPTIONS, RUN_FILE, Method
 from threecad.methods.registry import build, get_method, load_method
+from threecad.methods.training import seed_all
 
 log = logging.getLogger(__name__)
 
 #: The runner's input settings when neither the call nor the method's options give them.
 DEFAULT_INPUTS = {"size": 256, "resize": "squash", "exposure": "raw"}
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy's legacy global generator and torch (methods also take explicit seeds)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _refuse_inputs_inside(out: Path, inputs: dict[str, Path]) -> None:
@@ -108,17 +100,19 @@ def _method_config(method: str, config: dict[str, Any] | None, device: str, seed
     return merged
 
 
-def _input_options(options: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+def _input_options(method: str, options: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
     """The input options the method is built with: ``size``/``resize``/``exposure`` given to
-    :func:`train` (``--size``...), else in ``config`` (``--set size=...``), else :data:`DEFAULT_INPUTS`.
+    :func:`train` (``--size``...), else in ``config`` (``--set size=...``), else the method's
+    recommendation (:attr:`~threecad.methods.Method.DEFAULT_INPUTS`) over :data:`DEFAULT_INPUTS`.
     Both, with different values, is an error: which one was meant is not known."""
     merged = dict(options)
+    recommended = {**DEFAULT_INPUTS, **get_method(method).DEFAULT_INPUTS}
     for key in INPUT_OPTIONS:
         value = given.get(key)
         if value is not None and key in merged and merged[key] != value:
             raise ThreecadError(f"{key} is given twice ({merged[key]!r} as an option, {value!r} as --{key}); "
                                 f"give it once, as --{key}")
-        merged[key] = value if value is not None else merged.get(key, DEFAULT_INPUTS[key])
+        merged[key] = value if value is not None else merged.get(key, recommended[key])
     return merged
 
 
@@ -152,7 +146,8 @@ def train(
     folder names, 3CAD codes or aliases, or ``"all"`` (:func:`threecad.catalog.resolve_categories`).
     ``validation``: ``"auto"`` passes ``validation/good`` to the method when the dataset has it,
     ``True`` requires it, ``False`` never passes it. ``size``, ``resize`` and ``exposure`` are the
-    method's input options (``None``: the value in ``config``, else 256, ``"squash"``, ``"raw"``);
+    method's input options (``None``: the value in ``config``, else the method's recommendation,
+    else 256, ``"squash"``, ``"raw"``);
     ``exposure="mean"`` normalises each image's mean intensity
     (:func:`threecad.data.normalize_exposure`). They are saved with the method, recorded in
     ``run.json``, and applied again by :func:`predict` and by the loaded method's ``predict``.
@@ -165,7 +160,7 @@ def train(
     check_output_dir(out, overwrite)
     _refuse_inputs_inside(out, {"dataset": dataset})
     resolve_device(device)  # a missing GPU is reported before any work
-    options = _input_options(_method_config(method, config, device, seed),
+    options = _input_options(method, _method_config(method, config, device, seed),
                              {"size": size, "resize": resize, "exposure": exposure})
     seed = _effective_seed(method, options, seed)
     build(method, **options)  # unknown or out-of-range options fail here, before any category is trained
@@ -194,40 +189,57 @@ def _train_categories(method: str, dataset: Path, cats: list[str], options: dict
                       stage: Path | None, checkpoints: Path, validation: bool | str, device: str) -> None:
     """Fit and save each category into ``stage/<Category>`` (``None``: fit only, another rank writes)."""
     for category in cats:
-        seed_everything(seed)
-        start = time.perf_counter()
-        model = build(method, **options)
-        inputs = model.input_settings()  # the datasets are loaded as the method will see images
-        train_set = AnomalyDataset(dataset, category, "train", **inputs)
-        val_set = None
-        has_val = bool(list_samples(dataset, category, "validation"))
-        if validation is True and not has_val:
-            raise ThreecadError(f"no validation/good images for category {category!r}", dataset / category)
-        if validation and has_val:
-            val_set = AnomalyDataset(dataset, category, "validation", **inputs)
-        model.work_dir = checkpoints / category
-        log.info("training %s on %s (%d images, %s %s, exposure %s)", method, category, len(train_set),
-                 inputs["resize"], inputs["size"], inputs["exposure"])
-        fit_start = time.perf_counter()
-        model.fit(train_set, val_set)
-        fit_s = time.perf_counter() - fit_start
-        if stage is None:
-            continue
-        run_dir = stage / category
-        model.save(run_dir)
-        write_json(run_dir / RUN_FILE, {
-            "method": method,
-            "dataset": str(dataset.resolve()),
-            "category": category,
-            **inputs,  # a record: the method's own config.json holds what predict uses
-            "seed": seed,
-            "device": str(resolve_device(device)),
-            "train_images": len(train_set),
-            "validation_images": len(val_set) if val_set is not None else 0,
-            "timings": {"fit_s": round(fit_s, 3), "total_s": round(time.perf_counter() - start, 3)},
-            "threecad": __version__,
-        })
-        log.info("%s: fitted in %.1f s", category, fit_s)
+        model, record = fit_category(method, dataset, category, options, seed, checkpoints / category, validation,
+                                     device)
+        if stage is not None:
+            save_run(stage / category, model, record)
+
+
+def fit_category(method: str, dataset: Path, category: str, options: dict[str, Any], seed: int,
+                 work_dir: Path | None, validation: bool | str = "auto",
+                 device: str = "auto") -> tuple[Method, dict[str, Any]]:
+    """Build ``method`` with ``options`` and fit it on ``category``'s ``train/good`` images.
+
+    Returns the fitted method and its run record (what :func:`save_run` writes as ``run.json``).
+    ``work_dir``: the method's folder for checkpoints and logs while it trains.
+    """
+    seed_all(seed)
+    start = time.perf_counter()
+    model = build(method, **options)
+    inputs = model.input_settings()  # the datasets are loaded as the method will see images
+    train_set = AnomalyDataset(dataset, category, "train", **inputs)
+    val_set = None
+    has_val = bool(list_samples(dataset, category, "validation"))
+    if validation is True and not has_val:
+        raise ThreecadError(f"no validation/good images for category {category!r}", dataset / category)
+    if validation and has_val:
+        val_set = AnomalyDataset(dataset, category, "validation", **inputs)
+    model.work_dir = work_dir
+    log.info("training %s on %s (%d images, %s %s, exposure %s)", method, category, len(train_set),
+             inputs["resize"], inputs["size"], inputs["exposure"])
+    fit_start = time.perf_counter()
+    model.fit(train_set, val_set)
+    fit_s = time.perf_counter() - fit_start
+    log.info("%s: fitted in %.1f s", category, fit_s)
+    return model, {
+        "method": method,
+        "dataset": str(dataset.resolve()),
+        "category": category,
+        **inputs,  # a record: the method's own config.json holds what predict uses
+        "seed": seed,
+        "device": str(resolve_device(device)),
+        "train_images": len(train_set),
+        "validation_images": len(val_set) if val_set is not None else 0,
+        "timings": {"fit_s": round(fit_s, 3), "total_s": round(time.perf_counter() - start, 3)},
+        "threecad": __version__,
+    }
+
+
+def save_run(run_dir: Path, model: Method, record: dict[str, Any]) -> Path:
+    """Write a run folder: the saved method (``config.json``, ``weights.pt``) and ``run.json``."""
+    model.save(run_dir)
+    write_json(run_dir / RUN_FILE, record)
+    return run_dir
 
 
 def find_runs(run: str | Path) -> list[Path]:
@@ -267,7 +279,7 @@ def predict(
     (``coreset_ratio``, ``backbone``) is an error naming the run, before any map is written.
 
     Images are fed at the method's input settings (its saved ``size``, ``resize``, ``exposure``;
-    runs saved before those were options take them from ``run.json``); maps are resized back to
+    recorded in its ``config.json``); maps are resized back to
     each image's native size, exactly as ``load_method(run).predict`` returns them. Under
     ``torchrun`` only rank 0 predicts (the others return at once). Only images are read: a defective
     test image whose ground-truth mask is missing still gets its map (``evaluate`` is where masks

@@ -176,6 +176,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def seed_all(seed: int) -> None:
+    """Seed Python, numpy's legacy global generator and torch: the one seeding of the project (the
+    runner before a fit, the engine per rank). Methods also take explicit seeds for their own draws."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -1,8 +1,10 @@
 """Evaluate a predictions folder in the submission layout against a dataset's ground truth.
 
-The folder must hold exactly one map per test image (``<Category>/test/<defect>/<stem>.tiff`` or
-``.npy``): a missing map, a map with no test image, a second map for one image, NaN/inf or a map
-that is not 2-D is an error naming the file, so a leaderboard never scores a partial submission.
+The folder is checked by the rules of :mod:`threecad.maps`, the same functions the leaderboard
+validator uses: exactly one ``<Category>/test/<defect>/<stem>.tiff`` per test image, float16 or
+float32, at the image's size (or the declared ``size``), finite, and a ``scores.csv`` (if any)
+with one finite score per test image. Any problem is an error naming the file, so a leaderboard
+never scores a partial submission and ``evaluate`` never scores one the leaderboard would refuse.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from threecad.catalog import resolve_categories
 from threecad.errors import ThreecadError
 from threecad.io import image_size
 from threecad.layout import list_categories, list_samples
-from threecad.maps import MAP_SUFFIXES, SCORES_FILE, find_map, read_map, read_scores
+from threecad.maps import SCORES_FILE, check_map_files, map_relpath, read_map, read_scores
 from threecad.metrics.evaluator import METRICS, Evaluator
 from threecad.progress import progress
 
@@ -35,27 +37,6 @@ def _parse_size(size) -> tuple[int, int] | None:
     return int(width), int(height)
 
 
-def _check_layout(predictions: Path, category: str, samples: list, paths: list[Path | None]) -> None:
-    """Every test image has its map and every map file belongs to a test image."""
-    missing = [sample for sample, path in zip(samples, paths) if path is None]
-    if missing:
-        sample = missing[0]
-        raise ThreecadError(
-            f"{len(missing)} map(s) missing for category {category}, e.g. for test image {sample.relpath} "
-            f"(expected {category}/test/{sample.defect}/{sample.stem}.tiff or .npy)",
-            predictions,
-        )
-    test_dir = predictions / category / "test"
-    found = {p for p in test_dir.rglob("*") if p.is_file() and p.suffix.lower() in MAP_SUFFIXES}
-    extra = sorted(found - set(paths))
-    if extra:
-        raise ThreecadError(
-            f"{len(extra)} map(s) with no matching test image (or a second map for one image), "
-            f"e.g. {extra[0].relative_to(predictions)}",
-            predictions,
-        )
-
-
 def evaluate_predictions(
     dataset_root: str | Path,
     predictions_dir: str | Path,
@@ -66,12 +47,15 @@ def evaluate_predictions(
     curves: bool = False,
     scores: str | Path | dict | None = "auto",
 ) -> dict:
-    """Score a submission folder; returns the :meth:`Evaluator.compute` dictionary.
+    """Score a predictions folder; returns the :meth:`Evaluator.compute` dictionary.
 
-    ``categories`` defaults to every category of the dataset, and then a predictions folder with a
-    category the dataset lacks is an error too; names may be folders, 3CAD codes (``ANI``) or
-    catalogue aliases (:func:`threecad.catalog.resolve_categories`). ``size`` evaluates at a
-    declared (width, height) instead of the native resolution (``mvtec`` protocol only).
+    ``categories`` defaults to every category of the dataset, and then every file of the folder
+    must belong to it (a category the dataset lacks is an error too); explicit names may be
+    folders, 3CAD codes (``ANI``) or catalogue aliases
+    (:func:`threecad.catalog.resolve_categories`), and then only those category folders, and
+    ``scores.csv`` rows of those categories, are looked at. ``size`` evaluates at a declared
+    (width, height) instead of the native resolution (``mvtec`` protocol only); the maps must then
+    have that size.
 
     ``scores`` gives the image scores: ``"auto"`` reads ``<predictions>/scores.csv`` when it exists
     (else the image score is the max of the map), a path reads that file, a dict maps
@@ -82,54 +66,50 @@ def evaluate_predictions(
     if not predictions.is_dir():
         raise ThreecadError("predictions folder not found", predictions)
     available = list_categories(root)
-    if categories:
-        chosen = resolve_categories(available, categories, root)  # folders, 3CAD codes or aliases
-    else:
-        chosen = available
-        stray = sorted(p.name for p in predictions.iterdir() if p.is_dir() and p.name not in available)
-        if stray:
-            raise ThreecadError(
-                f"predictions for categories the dataset lacks: {', '.join(stray)}", predictions
-            )
+    # folders, 3CAD codes or aliases; every category when none is named
+    chosen = resolve_categories(available, categories, root) if categories else available
+    declared = _parse_size(size)
+    samples = {category: list_samples(root, category, "test") for category in chosen}
+    for category, found in samples.items():
+        if not found:
+            raise ThreecadError(f"category {category} has no test images", root / category)
+    expected = {map_relpath(c, s.defect, s.stem): s for c in chosen for s in samples[c]}
+    missing, unexpected = check_map_files(predictions, expected, chosen, within=chosen if categories else None)
+    if missing:
+        raise ThreecadError(f"{len(missing)} map(s) missing, e.g. {missing[0]}", predictions)
+    if unexpected:
+        raise ThreecadError(f"{len(unexpected)} file(s) with no matching test image (or a second map for one "
+                            f"image), e.g. {unexpected[0]}", predictions)
     if isinstance(scores, str) and scores == "auto":
         scores = predictions / SCORES_FILE if (predictions / SCORES_FILE).is_file() else None
-    if isinstance(scores, (str, Path)):
-        scores = read_scores(scores)
     if protocol == "3cad-paper":
         scores = None
-    evaluator = Evaluator(protocol=protocol, device=device, size=_parse_size(size))
+    elif scores is not None:
+        keys = [(c, s.relpath) for c in chosen for s in samples[c]]
+        scores = read_scores(scores, keys, within=chosen if categories else None)
+    evaluator = Evaluator(protocol=protocol, device=device, size=declared)
     for category in chosen:
-        samples = list_samples(root, category, "test")
-        if not samples:
-            raise ThreecadError(f"category {category} has no test images", root / category)
-        paths = [find_map(predictions, category, s.defect, s.stem) for s in samples]
-        _check_layout(predictions, category, samples, paths)
-        if scores is not None:
-            absent = [s.relpath for s in samples if (category, s.relpath) not in scores]
-            if absent:
-                raise ThreecadError(
-                    f"{len(absent)} test image(s) of {category} have no score, e.g. {absent[0]}; "
-                    f"give every image a score or remove {SCORES_FILE}",
-                    predictions / SCORES_FILE,
-                )
-        batches = range(0, len(samples), BATCH)
-        for start in progress(batches, desc=f"evaluate {category}", total=len(batches)):
-            chunk = list(zip(samples[start : start + BATCH], paths[start : start + BATCH]))
+        chunks = range(0, len(samples[category]), BATCH)
+        for start in progress(chunks, desc=f"evaluate {category}", total=len(chunks)):
+            chunk = samples[category][start : start + BATCH]
             maps, masks = [], []
-            for sample, path in chunk:
-                maps.append(read_map(path))
-                masks.append(ground_truth_mask(sample))
-            image_scores = None if scores is None else [scores[(category, s.relpath)] for s, _ in chunk]
-            evaluator.update(maps, masks, image_scores=image_scores, labels=[s.label for s, _ in chunk],
+            for sample in chunk:
+                native = image_size(sample.image_path)
+                path = predictions / map_relpath(category, sample.defect, sample.stem)
+                maps.append(read_map(path, expected=declared or native))
+                masks.append(ground_truth_mask(sample, native))
+            image_scores = None if scores is None else [scores[(category, s.relpath)] for s in chunk]
+            evaluator.update(maps, masks, image_scores=image_scores, labels=[s.label for s in chunk],
                              categories=category)
     return evaluator.compute(curves=curves)
 
 
-def ground_truth_mask(sample) -> np.ndarray:
-    """The boolean mask of a test image at its native size (all False for a good image)."""
+def ground_truth_mask(sample, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The boolean mask of a test image at its native ``size`` (width, height; read from the image
+    when not given), all False for a good image."""
     from threecad.data import read_mask  # imports torch: only when a folder is evaluated
 
-    width, height = image_size(sample.image_path)
+    width, height = size or image_size(sample.image_path)
     if sample.label == 0:
         return np.zeros((height, width), dtype=bool)
     if sample.mask_path is None or not sample.mask_path.is_file():

@@ -19,6 +19,7 @@ from threecad.catalog import CATEGORY_FOLDERS
 from threecad.errors import ThreecadError
 from threecad.io import check_output_dir, save_image, write_json
 from threecad.layout import GOOD, mask_name
+from threecad.manifest import MANIFEST, manifest_row, write_manifest
 from threecad.progress import progress
 from threecad.synth.surface import (
     defect_polygon,
@@ -88,8 +89,9 @@ def make_synthetic_dataset(
 ) -> Path:
     """Write ``<out>/<Category>/{train/good,test/good,test/<defect>,ground_truth/<defect>}``.
 
-    Deterministic for a seed: the same seed gives the same bytes. Also writes
-    ``<out>/synth_dataset.json`` listing every test image with its defect types.
+    Deterministic for a seed: the same seed gives the same bytes. Also writes the manifest
+    (:mod:`threecad.manifest`: every image with its defect types, regions and checksums) and
+    ``<out>/synth_dataset.json`` (the seed and the configuration).
     """
     cfg = config or SynthDatasetConfig()
     if not 1 <= cfg.categories <= len(CATEGORY_FOLDERS):
@@ -99,7 +101,7 @@ def make_synthetic_dataset(
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    info: dict[str, list[dict]] = {}
+    rows: list[dict] = []
     jobs = []
     for c in range(cfg.categories):
         for split, defective, count in (
@@ -114,14 +116,16 @@ def make_synthetic_dataset(
         image, mask, folder, types = _render(rng, cfg, _STYLES[c], defective)
         stem = f"{i:04d}"
         defect = folder if defective else GOOD
-        save_image(out / category / split / defect / f"{stem}.png", image)
+        image_rel, mask_rel = f"{category}/{split}/{defect}/{stem}.png", ""
+        save_image(out / image_rel, image)
         if mask is not None:
             style = "mvtec" if cfg.mask_style == "mvtec" else "3cad"
-            save_image(out / category / "ground_truth" / defect / mask_name(stem, style), mask.astype(np.uint8) * 255)
-        if split == "test":
-            info.setdefault(category, []).append(
-                {"path": f"test/{defect}/{stem}.png", "defect_types": types, "label": int(defective)}
-            )
-    write_json(out / "synth_dataset.json", {"seed": seed, "config": cfg.__dict__ | {"size": list(cfg.size)}, "test": info})
+            mask_rel = f"{category}/ground_truth/{defect}/{mask_name(stem, style)}"
+            save_image(out / mask_rel, mask.astype(np.uint8) * 255)
+        # a generated image is cut from nothing: it is its own source, its box the whole image
+        rows.append(manifest_row(out, image_rel, category=category, split=split, defect=defect, source=image_rel,
+                                 mask=mask_rel, mask_array=mask, defect_types=types))
+    write_manifest(sorted(rows, key=lambda r: r["image"]), out / MANIFEST)
+    write_json(out / "synth_dataset.json", {"seed": seed, "config": cfg.__dict__ | {"size": list(cfg.size)}})
     log.info("wrote a synthetic dataset of %d categories to %s", cfg.categories, out)
     return out

@@ -155,7 +155,7 @@ def data() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT not written by this command.")
 def data_preprocess(raw, out, **options) -> None:
     """Validate, repair, rasterise and tile RAW into a 3CAD-layout dataset in OUT (resumable)."""
-    from threecad.preprocess import format_summary, preprocess
+    from threecad.ingest.preprocess import format_summary, preprocess
 
     summary = preprocess(raw, out, **options)
     click.echo(format_summary(summary))
@@ -175,7 +175,7 @@ def data_preprocess(raw, out, **options) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
 def data_split(source, out, **options) -> None:
     """Re-split a pool (preprocess manifest or dataset folder) by source image; write OUT/manifest.*"""
-    from threecad.split import split_dataset
+    from threecad.dataset.split import split_dataset
 
     summary = split_dataset(source, out, **options)
     for key, n in sorted(summary["counts"].items()):
@@ -196,7 +196,7 @@ def data_split(source, out, **options) -> None:
 @click.pass_context
 def data_verify(ctx, root, json_out, fingerprint, expect, workers, quick) -> None:
     """Check a dataset: structure, masks, readability, Table-1 counts, sizes, train/test leakage."""
-    from threecad.verify import verify_dataset
+    from threecad.dataset.verify import verify_dataset
 
     report = verify_dataset(root, expect=expect, fingerprint=fingerprint, workers=workers, report_path=json_out,
                             decode=not quick)
@@ -218,7 +218,7 @@ def data_verify(ctx, root, json_out, fingerprint, expect, workers, quick) -> Non
 @click.pass_context
 def data_download(ctx, source, dest, sha256, expect, no_verify, retries, overwrite) -> None:
     """Download SOURCE (catalogue name 3cad / 3cad-pinyin, http(s) URL or local archive), extract, verify."""
-    from threecad.download import download_dataset
+    from threecad.ingest.download import download_dataset
 
     result = download_dataset(source, dest, sha256=sha256, verify=not no_verify, expect=expect, retries=retries,
                               overwrite=overwrite)
@@ -250,7 +250,7 @@ def data_download(ctx, source, dest, sha256, expect, no_verify, retries, overwri
 def data_import_folder(src, out, preset, category, normal, strip_prefix, mask_suffix, mask_threshold, train_fraction,
                        validation_fraction, seed, empty_masks, link, overwrite) -> None:
     """Import class folders of images with same-stem masks from SRC into the 3CAD layout in OUT."""
-    from threecad.import_folder import import_folder
+    from threecad.ingest.import_folder import import_folder
 
     report = import_folder(src, out, preset=preset, category=category, normal=normal or None,
                            strip_prefix=strip_prefix, mask_suffix=mask_suffix, mask_threshold=mask_threshold,
@@ -270,7 +270,7 @@ def data_import_folder(src, out, preset, category, normal, strip_prefix, mask_su
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
 def data_export_hf(root, out, categories, max_shard_mb, metadata, no_disk, overwrite) -> None:
     """Export ROOT as a Hugging Face DatasetDict to OUT (parquet shards + card + save_to_disk), offline."""
-    from threecad.hf_export import export_hf
+    from threecad.ingest.hf_export import export_hf
 
     result = export_hf(root, out, categories=list(categories) or None, max_shard_mb=max_shard_mb,
                        metadata=metadata, disk=not no_disk, overwrite=overwrite)
@@ -287,7 +287,7 @@ def data_export_hf(root, out, categories, max_shard_mb, metadata, no_disk, overw
               help="Table with per-image defect_types (for the TE column).")
 def data_stats(root, out, json_out, categories, metadata) -> None:
     """Print Table-1 statistics of ROOT and write the defect-area and box-aspect histograms."""
-    from threecad.stats import dataset_stats, write_stats
+    from threecad.dataset.stats import dataset_stats, write_stats
 
     report = dataset_stats(root, categories=list(categories) or None, metadata=metadata)
     click.echo(report.table())
@@ -498,7 +498,7 @@ def leaderboard_validate(submission, dataset, categories, as_json) -> None:
     """Check a submission folder/.zip/.tar.gz against the dataset; exit 1 if it is invalid."""
     import json
 
-    from leaderboard.submission import validate_submission
+    from leaderboard.validate import validate_submission
 
     report = validate_submission(submission, dataset, _names(categories))
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.text())
@@ -517,8 +517,8 @@ def leaderboard_submit(submission, dataset, store, categories, device, as_json) 
     """Validate, evaluate under both protocols and store a submission (same bytes twice: stored once)."""
     import json
 
-    from leaderboard.submission import SubmissionRejected
     from leaderboard.submit import submit
+    from leaderboard.validate import SubmissionRejected
 
     try:
         result = submit(submission, dataset, store, _names(categories), device=device)
@@ -578,7 +578,7 @@ def leaderboard_table(store, metric, pair, protocol, fmt, source, out) -> None:
 def leaderboard_run(method, dataset, categories, store, device, size, resize, exposure, seed, dtype, warmup, timed,
                     out, settings) -> None:
     """Standardized run: fit, predict, evaluate (both protocols) and time per category; resumable."""
-    from leaderboard.runs import standardized_run
+    from leaderboard.standardized import standardized_run
 
     summary = standardized_run(method, dataset, _names(categories), store=store, out=out, device=device, size=size,
                                resize=resize, seed=seed, config=_parse_set(settings), dtype=dtype, warmup=warmup,

@@ -6,7 +6,7 @@ deeper layer. Deeper stages are upsampled (bilinear) to the finest stage's grid 
 
 The map post-processing (upsampling to the input, Gaussian smoothing with sigma 4 pixels as both
 papers do, the image score: the map's maximum or the mean of its top ``topk`` fraction) is shared by
-every method and lives in :mod:`threecad.postprocess`; its names are re-exported here.
+every method and lives in :mod:`threecad.maps.postprocess`; its names are re-exported here.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from threecad.postprocess import gaussian_blur, gaussian_kernel1d, top_fraction_mean, upsample_maps
+from threecad.maps.postprocess import gaussian_blur, gaussian_kernel1d, top_fraction_mean, upsample_maps
 
 __all__ = ["combine_stages", "gaussian_blur", "gaussian_kernel1d", "local_aggregate", "local_brightness",
            "top_fraction_mean", "upsample_maps", "with_brightness"]

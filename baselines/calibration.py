@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from threecad.errors import ThreecadError
-from threecad.postprocess import upsample_maps
+from threecad.maps.postprocess import upsample_maps
 
 #: Border distances (in patch cells) told apart; farther cells share one value. 8 cells is 64 px at
 #: stride 8, where the magnetic-tile bias has faded.

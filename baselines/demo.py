@@ -39,7 +39,7 @@ class DemoConfig:
 def _dataset_from_raw(work: Path, seed: int, config: DemoConfig) -> tuple[Path, str]:
     """Raw synthetic frames through the real preprocessing (tiles of ``config.size``, seeded split);
     returns the dataset root and a note on what preprocessing reported."""
-    from threecad.preprocess import preprocess
+    from threecad.ingest.preprocess import preprocess
     from threecad.synth.raw import make_raw_dataset
 
     raw = make_raw_dataset(work / "raw", seed=seed, categories=config.raw_categories, images=config.raw_images,

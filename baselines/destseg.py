@@ -7,7 +7,7 @@ synthetic anomaly, the teacher's features of the clean image; then, student froz
 network learns to read the synthetic masks from the product of the channel-normalised teacher and
 student features of the same image. The blocks of the student decoder and the segmentation network
 are ResNet basic blocks (:mod:`threecad.backbones.resnet`); the synthesis is
-:mod:`threecad.anomalies` with DeSTSeg's parameters (:func:`threecad.anomalies.destseg_synthesis`).
+:mod:`threecad.synth.anomalies` with DeSTSeg's parameters (:func:`threecad.synth.anomalies.destseg_synthesis`).
 
 Official configuration, kept (official code ``apple/ml-destseg``): the ImageNet V1 ResNet-18
 teacher, student encoder 11,176,512 + decoder 13,488,512 parameters, segmentation network
@@ -30,24 +30,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from threecad.anomalies import (
+from threecad.backbones.extractor import BackboneTaps
+from threecad.backbones.registry import canonical_name
+from threecad.backbones.resnet import BasicBlock, init_like_torchvision, resnet18
+from threecad.device import resolve_device
+from threecad.errors import ThreecadError
+from threecad.maps.postprocess import top_fraction_mean
+from threecad.methods import Method, Option, register
+from threecad.methods.batching import train_subset
+from threecad.methods.blocks import FrozenPartNet, Teacher, build_teacher, focal_loss
+from threecad.methods.training import TrainSettings
+from threecad.methods.training import fit as engine_fit
+from threecad.synth.anomalies import (
     IMAGE_ROTATIONS,
     SyntheticAnomalyDataset,
     TextureBank,
     collate,
     destseg_synthesis,
 )
-from threecad.backbones.extractor import BackboneTaps
-from threecad.backbones.registry import canonical_name
-from threecad.backbones.resnet import BasicBlock, init_like_torchvision, resnet18
-from threecad.device import resolve_device
-from threecad.errors import ThreecadError
-from threecad.methods import Method, Option, register
-from threecad.methods.batching import train_subset
-from threecad.methods.blocks import FrozenPartNet, Teacher, build_teacher, focal_loss
-from threecad.methods.training import TrainSettings
-from threecad.methods.training import fit as engine_fit
-from threecad.postprocess import top_fraction_mean
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ for surface anomaly detection", ICCV 2021).
 No pretrained backbone. A reconstructive U-Net-shaped auto-encoder (no skips) learns to turn an image
 with a synthetic anomaly back into its normal version; a discriminative U-Net sees the reconstruction
 and the input side by side and segments where they differ. Both train jointly on normal images with
-Perlin/texture anomalies (:mod:`threecad.anomalies`, DRAEM's parameters: half the samples clean,
+Perlin/texture anomalies (:mod:`threecad.synth.anomalies`, DRAEM's parameters: half the samples clean,
 three texture augmenters, the normal image rotated with probability 0.3).
 
 Official configuration, kept (official code ``VitjanZ/DRAEM``): reconstructive network of base width
@@ -26,15 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from threecad.anomalies import DRAEM_SYNTHESIS, SyntheticAnomalyDataset, TextureBank, collate
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
+from threecad.maps.postprocess import gaussian_kernel1d
 from threecad.methods import Method, Option, register
 from threecad.methods.batching import train_subset
 from threecad.methods.blocks import focal_loss
 from threecad.methods.training import TrainSettings
 from threecad.methods.training import fit as engine_fit
-from threecad.postprocess import gaussian_kernel1d
+from threecad.synth.anomalies import DRAEM_SYNTHESIS, SyntheticAnomalyDataset, TextureBank, collate
 
 log = logging.getLogger(__name__)
 

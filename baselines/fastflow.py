@@ -34,6 +34,7 @@ from FrEIA.modules import AllInOneBlock
 from torch import nn
 
 from threecad.errors import ThreecadError
+from threecad.maps.postprocess import gaussian_blur, upsample_maps
 from threecad.methods import Option, register
 from threecad.methods.blocks import TEACHER_LAYERS, FrozenPartNet, Teacher, build_teacher, count_parameters
 from threecad.methods.feature_cache import (
@@ -43,7 +44,6 @@ from threecad.methods.feature_cache import (
     batch_features,
 )
 from threecad.methods.training import TrainSettings
-from threecad.postprocess import gaussian_blur, upsample_maps
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from baselines import features as _features
 from baselines.aggregation import combine_stages
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
+from threecad.maps.postprocess import top_fraction_mean, upsample_maps
 from threecad.methods import Method, Option, iter_batches, register
-from threecad.postprocess import top_fraction_mean, upsample_maps
 
 log = logging.getLogger(__name__)
 

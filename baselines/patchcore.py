@@ -28,8 +28,8 @@ from baselines.coreset import chunked_greedy_coreset
 from baselines.knn import nearest_neighbors
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
+from threecad.maps.postprocess import top_fraction_mean, upsample_maps
 from threecad.methods import Method, Option, iter_batches, register
-from threecad.postprocess import top_fraction_mean, upsample_maps
 from threecad.progress import progress
 
 log = logging.getLogger(__name__)

@@ -39,6 +39,7 @@ from torch import nn
 
 from baselines.aggregation import combine_stages
 from threecad.errors import ThreecadError
+from threecad.maps.postprocess import upsample_maps
 from threecad.methods import Option, register
 from threecad.methods.blocks import PAPER_TEACHER, FrozenPartNet, Teacher, build_teacher, count_parameters
 from threecad.methods.feature_cache import (
@@ -48,7 +49,6 @@ from threecad.methods.feature_cache import (
     batch_features,
 )
 from threecad.methods.training import TrainSettings
-from threecad.postprocess import upsample_maps
 
 log = logging.getLogger(__name__)
 

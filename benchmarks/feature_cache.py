@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from threecad.data import AnomalyDataset
+from threecad.dataset.loaders import AnomalyDataset
 from threecad.device import resolve_device
 from threecad.methods import build
 from threecad.progress import set_progress

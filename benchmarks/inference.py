@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from threecad.backbones import DEFAULT_BACKBONE, FeatureExtractor, benchmark_forward
-from threecad.data import AnomalyDataset
+from threecad.dataset.loaders import AnomalyDataset
 from threecad.device import resolve_device
 from threecad.methods import available, build
 from threecad.progress import set_progress

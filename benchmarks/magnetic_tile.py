@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from baselines.patchcore import PAPER_SETTINGS
-from threecad.data import AnomalyDataset
+from threecad.dataset.layout import list_samples
+from threecad.dataset.loaders import AnomalyDataset
 from threecad.errors import ThreecadError
-from threecad.layout import list_samples
 from threecad.methods import Method, build, load_method
 from threecad.methods.runner import read_run
 from threecad.methods.tuning import validation_metrics

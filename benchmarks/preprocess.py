@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 from sahi.slicing import slice_image
 
-from threecad.preprocess import preprocess
+from threecad.ingest.preprocess import preprocess
 from threecad.progress import set_progress
 from threecad.synth.raw import make_raw_dataset
 

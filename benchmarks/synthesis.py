@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from threecad.anomalies import TextureBank, blend, perlin_mask
+from threecad.synth.anomalies import TextureBank, blend, perlin_mask
 
 
 class _Images(torch.utils.data.Dataset):

@@ -21,9 +21,9 @@ import torch
 
 from baselines.destseg import DeSTSeg, _Phase
 from baselines.draem import DRAEM
-from threecad.anomalies import DRAEM_SYNTHESIS, SyntheticAnomalyDataset, collate, destseg_synthesis
 from threecad.device import resolve_device
 from threecad.progress import set_progress
+from threecad.synth.anomalies import DRAEM_SYNTHESIS, SyntheticAnomalyDataset, collate, destseg_synthesis
 
 
 class _Images(torch.utils.data.Dataset):

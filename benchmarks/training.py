@@ -86,8 +86,8 @@ class _CFRG:
     def __init__(self):
         from cfrg.model import CFRGNet
         from cfrg.train import CFRGTraining, TrainConfig, collate
-        from threecad.anomalies import SyntheticAnomalyDataset
         from threecad.methods.blocks import Teacher
+        from threecad.synth.anomalies import SyntheticAnomalyDataset
 
         torch.manual_seed(0)
         self.inner = CFRGTraining(CFRGNet(Teacher("efficientnet_lite0", weights="random")), TrainConfig(epochs=1000))

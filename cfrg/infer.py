@@ -3,7 +3,7 @@
 Official combination (the default, ``terms=("recovery", "segmentation")``): the sum over the three
 levels of ``1 - cos(T, R)`` upsampled bilinearly (``align_corners=True``) to the input size, plus
 ``sigmoid(logits)``; then a Gaussian with sigma 4 (scipy defaults: truncate 4, reflect border;
-:func:`threecad.postprocess.gaussian_blur`, equal to scipy's to float32 rounding); the image score
+:func:`threecad.maps.postprocess.gaussian_blur`, equal to scipy's to float32 rounding); the image score
 is the map's maximum. Options: add the teacher-student term (``"distillation"``), use
 one term alone, a different sigma (0 = none) or the mean of the top ``topk`` fraction as the score.
 The official code handles batch size 1 only; this works on any batch.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from cfrg.model import channel_cosine
 from threecad.errors import ThreecadError
-from threecad.postprocess import gaussian_blur, top_fraction_mean
+from threecad.maps.postprocess import gaussian_blur, top_fraction_mean
 
 TERMS = ("recovery", "segmentation", "distillation")
 OFFICIAL_TERMS = ("recovery", "segmentation")

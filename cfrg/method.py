@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from cfrg.infer import OFFICIAL_TERMS, TERMS, anomaly_maps
 from cfrg.model import CFRGNet
 from cfrg.train import TrainConfig, train
-from threecad.anomalies import SyntheticAnomalyDataset, TextureBank
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
 from threecad.methods import Method, Option, register
 from threecad.methods.batching import train_subset
 from threecad.methods.blocks import PAPER_TEACHER, build_teacher
+from threecad.synth.anomalies import SyntheticAnomalyDataset, TextureBank
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from threecad.catalog import CATEGORY_CODES, CATEGORY_FOLDERS
+from threecad.dataset.catalog import CATEGORY_CODES, CATEGORY_FOLDERS
 
 PROTOCOL = "3cad-paper"
 PAPER = "3CAD (AAAI 2025), Tables 3 and 4"

@@ -44,9 +44,9 @@ ENV_STORE = "THREECAD_STORE"
 DEFAULT_STORE = Path("~/.threecad/leaderboard.sqlite")
 BUSY_TIMEOUT_S = 120.0
 SOURCES = ("evaluated", "reported")
-#: ``meta["runner"]`` of standardized runs (``leaderboard.runs``): the one writer whose ``hardware``
+#: ``meta["runner"]`` of standardized runs (``leaderboard.standardized``): the one writer whose ``hardware``
 #: column holds a JSON object we produced ourselves (see :func:`hardware_label`).
-STANDARDIZED_RUNNER = "leaderboard.runs.standardized_run"
+STANDARDIZED_RUNNER = "leaderboard.standardized.standardized_run"
 #: Text columns of a submission / result record: each is a string or absent, never a number or object.
 TEXT_FIELDS = ("sha256", "method", "version", "family", "source", "dataset_fingerprint", "created_at")
 RESULT_TEXT_FIELDS = ("category", "protocol", "metric", "timestamp")
@@ -578,7 +578,7 @@ def hardware_label(sub: dict[str, Any]) -> str:
     """What ``3cad leaderboard list`` shows as an entry's hardware: the stored text, literally.
 
     The one exception is a standardized run (``meta["runner"]`` is :data:`STANDARDIZED_RUNNER`):
-    its column holds the JSON object that ``leaderboard.runs.hardware_info`` returned, shown as the
+    its column holds the JSON object that ``leaderboard.standardized.hardware_info`` returned, shown as the
     GPU name or "<cpu> xN". A submitted ``hardware`` is never parsed, whatever it looks like, and a
     run's column that does not decode to an object is shown as it is.
     """

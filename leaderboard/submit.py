@@ -16,7 +16,7 @@ from typing import Any
 
 from leaderboard.reported import family_of
 from leaderboard.store import Store
-from leaderboard.submission import (
+from leaderboard.validate import (
     Limits,
     SubmissionRejected,
     UnsafeSubmission,
@@ -34,8 +34,8 @@ _fingerprints: dict[str, str] = {}
 
 
 def dataset_fingerprint(dataset: str | Path) -> str:
-    """The dataset's content fingerprint (``threecad.verify``), cached per process and path."""
-    from threecad.verify import verify_dataset
+    """The dataset's content fingerprint (``threecad.dataset.verify``), cached per process and path."""
+    from threecad.dataset.verify import verify_dataset
 
     key = str(Path(dataset).resolve())
     if key not in _fingerprints:

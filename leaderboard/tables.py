@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from leaderboard.reported import FAMILY_ORDER, family_of
-from threecad.catalog import CATEGORIES
+from threecad.dataset.catalog import CATEGORIES
 from threecad.errors import ThreecadError
 from threecad.metrics import METRICS
 

@@ -14,7 +14,8 @@ import shapely
 from pycocotools import mask as coco_mask
 from shapely.geometry import LineString, MultiPolygon, Point, Polygon, box
 
-from threecad.annotations import (
+from threecad.errors import ThreecadError
+from threecad.ingest.annotations import (
     LabelMap,
     RawAnnotation,
     jsonfile,
@@ -24,10 +25,9 @@ from threecad.annotations import (
     read_labelme,
     to_geometry,
 )
-from threecad.annotations import shapes as S
-from threecad.annotations.jsonfile import MAX_JSON_DEPTH, read_json
-from threecad.annotations.raster import rle_decode, rle_encode
-from threecad.errors import ThreecadError
+from threecad.ingest.annotations import shapes as S
+from threecad.ingest.annotations.jsonfile import MAX_JSON_DEPTH, read_json
+from threecad.ingest.annotations.raster import rle_decode, rle_encode
 
 
 def _blob(rng, cx, cy, r, n=16):

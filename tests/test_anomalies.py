@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from threecad.anomalies import (
+from threecad.synth.anomalies import (
     MAX_BETA,
     PROCEDURAL_KINDS,
     SyntheticAnomalyDataset,

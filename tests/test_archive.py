@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leaderboard.submission import Limits as SubmissionLimits
-from leaderboard.submission import UnsafeSubmission, open_submission, validate_submission
+from leaderboard.validate import Limits as SubmissionLimits
+from leaderboard.validate import UnsafeSubmission, open_submission, validate_submission
 from threecad import archive as archive_mod
 from threecad.archive import Limits, archive_kind, archive_stem, extract
 from threecad.errors import ThreecadError

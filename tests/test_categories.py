@@ -10,12 +10,12 @@ import pytest
 from click.testing import CliRunner
 
 from cli import cli
-from threecad.catalog import ALIASES, CATEGORIES, CATEGORY_FOLDERS, resolve_categories
-from threecad.data import read_mask
+from threecad.dataset.catalog import ALIASES, CATEGORIES, CATEGORY_FOLDERS, resolve_categories
+from threecad.dataset.layout import list_categories, list_samples
+from threecad.dataset.masks import read_mask
 from threecad.errors import ThreecadError
 from threecad.io import image_size
-from threecad.layout import list_categories, list_samples
-from threecad.maps import map_relpath, write_map
+from threecad.maps.files import map_relpath, write_map
 from threecad.synth.dataset import SynthDatasetConfig, make_synthetic_dataset
 
 
@@ -97,7 +97,7 @@ def test_leaderboard_validate_and_data_stats_take_codes(six, maps):
                                       "--categories", "ani", "--categories", "Aluminum_Pc", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["categories"] == ["Aluminum_New_Ipad", "Aluminum_Pc"]
-    from threecad.stats import dataset_stats
+    from threecad.dataset.stats import dataset_stats
 
     assert [c.category for c in dataset_stats(six, categories=["acc", "AI"]).categories] == [
         "Aluminum_Camera_Cover", "Aluminum_Ipad"]

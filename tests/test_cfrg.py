@@ -22,9 +22,9 @@ from cfrg.infer import anomaly_maps
 from cfrg.losses import cfrg_losses, distillation_loss, recovery_loss, segmentation_loss
 from cfrg.model import CFRGNet
 from cfrg.train import CHECKPOINT_FILE, TrainConfig, collate, make_optimizer, make_scheduler, train
-from threecad.anomalies import SyntheticAnomalyDataset
 from threecad.errors import ThreecadError
 from threecad.methods.blocks import Teacher, build_teacher, count_parameters
+from threecad.synth.anomalies import SyntheticAnomalyDataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -334,7 +334,7 @@ def test_method_predict_shapes_save_and_load(tmp_path):
 
 
 def test_runner_predict_writes_an_evaluable_submission(synth_root, tmp_path):
-    from threecad.layout import list_categories
+    from threecad.dataset.layout import list_categories
     from threecad.methods import runner
     from threecad.metrics import evaluate_predictions
 

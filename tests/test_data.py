@@ -10,21 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from threecad.data import (
-    EXPOSURE_TARGET,
-    AnomalyDataset,
-    collect_samples,
-    image_metadata,
-    iter_samples,
-    normalize_exposure,
-    read_mask,
-    samples_from_manifest,
-    tabular_frame,
-    target_size,
-    write_tabular,
-)
+from threecad.dataset.layout import list_categories, list_samples
+from threecad.dataset.loaders import AnomalyDataset, collect_samples, iter_samples
+from threecad.dataset.manifest import image_metadata, samples_from_manifest
+from threecad.dataset.masks import read_mask
+from threecad.dataset.tabular import tabular_frame, write_tabular
+from threecad.dataset.transforms import EXPOSURE_TARGET, normalize_exposure, target_size
 from threecad.errors import ThreecadError
-from threecad.layout import list_categories, list_samples
 from threecad.synth.dataset import SynthDatasetConfig, make_synthetic_dataset
 
 
@@ -162,8 +154,8 @@ def test_image_metadata_from_the_synth_manifest(synth_root):
 
 
 def test_preprocess_manifest_format_loads(synth_root, tmp_path):
-    """The preprocess/split manifest (threecad.manifest: image/mask/label/source/x0..y1) reads as it is."""
-    from threecad.manifest import COLUMNS, write_manifest
+    """The preprocess/split manifest (threecad.dataset.manifest: image/mask/label/source/x0..y1) reads as it is."""
+    from threecad.dataset.manifest import COLUMNS, write_manifest
 
     cat = list_categories(synth_root)[0]
     samples = list_samples(synth_root, cat, "train") + list_samples(synth_root, cat, "test")

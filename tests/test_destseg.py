@@ -308,7 +308,7 @@ def test_paper_teacher_falls_back_to_lite0_without_its_file(tmp_path, monkeypatc
 
 def test_cli_trains_predicts_and_evaluates(synth_root, tmp_path):
     from cli import cli
-    from threecad.layout import list_categories
+    from threecad.dataset.layout import list_categories
     from threecad.metrics import evaluate_predictions
 
     category = list_categories(synth_root)[0]

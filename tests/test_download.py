@@ -24,8 +24,8 @@ from click.testing import CliRunner
 
 from cli import cli
 from threecad.archive import Limits
-from threecad.download import download_dataset, extract_archive, fetch
 from threecad.errors import ThreecadError
+from threecad.ingest.download import download_dataset, extract_archive, fetch
 
 
 class _Server:

@@ -29,11 +29,11 @@ from baselines.draem import (
     ssim_map,
     window_max,
 )
-from threecad.anomalies import CFRG_SYNTHESIS, SyntheticAnomalyDataset, TextureBank
 from threecad.errors import ThreecadError
 from threecad.methods import CONFIG_FILE, available, build, check_overrides, load_method
 from threecad.methods.blocks import count_parameters, focal_loss
 from threecad.methods.training import CHECKPOINT_FILE
+from threecad.synth.anomalies import CFRG_SYNTHESIS, SyntheticAnomalyDataset, TextureBank
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -278,7 +278,7 @@ def test_save_load_round_trip(fitted, tmp_path):
 
 def test_cli_trains_predicts_and_evaluates(synth_root, tmp_path, textures):
     from cli import cli
-    from threecad.layout import list_categories
+    from threecad.dataset.layout import list_categories
     from threecad.metrics import evaluate_predictions
 
     category = list_categories(synth_root)[0]

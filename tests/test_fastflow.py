@@ -312,7 +312,7 @@ def test_save_load_round_trip_and_the_recorded_encoder(fitted, tmp_path):
 
 
 def test_runner_trains_predicts_and_evaluates(synth_root, tmp_path):
-    from threecad.layout import list_categories
+    from threecad.dataset.layout import list_categories
     from threecad.methods import runner
     from threecad.metrics import evaluate_predictions
 

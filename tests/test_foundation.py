@@ -13,10 +13,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import cli
-from threecad.data import AnomalyDataset, read_mask
+from threecad.dataset.layout import detect_mask_style, list_categories, list_samples
+from threecad.dataset.loaders import AnomalyDataset
+from threecad.dataset.masks import read_mask
 from threecad.errors import ThreecadError
 from threecad.io import atomic_write, read_image
-from threecad.layout import detect_mask_style, list_categories, list_samples
 from threecad.synth.dataset import SynthDatasetConfig, make_synthetic_dataset
 from threecad.synth.surface import defect_polygon, paint_defect, polygon_mask, render_surface
 

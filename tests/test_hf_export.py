@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import cli
-from threecad.catalog import CATEGORY_FOLDERS
-from threecad.data import read_mask
+from threecad.dataset.catalog import CATEGORY_FOLDERS
+from threecad.dataset.layout import list_categories, list_samples
+from threecad.dataset.masks import read_mask
 from threecad.errors import ThreecadError
-from threecad.hf_export import export_hf
-from threecad.layout import list_categories, list_samples
+from threecad.ingest.hf_export import export_hf
 
 
 @pytest.fixture

@@ -17,13 +17,14 @@ import pytest
 import tifffile
 from PIL import Image
 
-from threecad.data import AnomalyDataset, read_mask
+from threecad.dataset.layout import list_samples
+from threecad.dataset.loaders import AnomalyDataset
+from threecad.dataset.masks import read_mask
+from threecad.dataset.verify import verify_dataset
 from threecad.errors import ThreecadError
-from threecad.hf_export import _rows
-from threecad.import_folder import import_folder
+from threecad.ingest.hf_export import _rows
+from threecad.ingest.import_folder import import_folder
 from threecad.io import image_header, image_size, read_image
-from threecad.layout import list_samples
-from threecad.verify import verify_dataset
 
 ORIENTATION = 0x0112
 #: Displayed view of the stored array, per EXIF orientation (where stored row 0 / column 0 end up).

@@ -11,12 +11,12 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import cli
+from threecad.dataset.layout import list_samples
+from threecad.dataset.manifest import read_manifest
+from threecad.dataset.verify import verify_dataset
 from threecad.errors import ThreecadError
-from threecad.import_folder import import_folder
+from threecad.ingest.import_folder import import_folder
 from threecad.io import image_size, sha256_file
-from threecad.layout import list_samples
-from threecad.manifest import read_manifest
-from threecad.verify import verify_dataset
 
 
 def _make_source(root: Path, normals: int = 10, defects: int = 4, empty_defect: bool = True, twins: bool = False) -> Path:

@@ -26,11 +26,11 @@ from matplotlib import cbook
 from cli import cli
 from leaderboard import site as site_module
 from leaderboard.store import STANDARDIZED_RUNNER, Store
-from leaderboard.submission import ValidationReport, read_meta
+from leaderboard.validate import ValidationReport, read_meta
+from threecad.dataset.layout import list_categories, list_samples
 from threecad.errors import ThreecadError
 from threecad.io import image_size
-from threecad.layout import list_categories, list_samples
-from threecad.maps import map_relpath, write_map
+from threecad.maps.files import map_relpath, write_map
 
 #: The strings from the issue: mathtext, a JSON prefix, Markdown pipes, HTML, LaTeX, a spreadsheet
 #: formula, a newline, and a leading underscore (matplotlib drops such legend labels).

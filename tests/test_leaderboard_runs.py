@@ -9,14 +9,14 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from leaderboard import runs
+from leaderboard import standardized as runs
 from leaderboard.store import Store
-from leaderboard.submission import validate_submission
 from leaderboard.tables import render_table
-from threecad.data import read_mask
+from leaderboard.validate import validate_submission
+from threecad.dataset.layout import list_categories, list_samples
+from threecad.dataset.masks import read_mask
 from threecad.io import image_size
-from threecad.layout import list_categories, list_samples
-from threecad.maps import find_map, read_map
+from threecad.maps.files import find_map, read_map
 
 
 class _Fake:

@@ -17,12 +17,12 @@ from sklearn.metrics import roc_auc_score
 
 from cli import cli
 from leaderboard.store import Store
-from leaderboard.submission import Limits, SubmissionRejected, validate_submission
 from leaderboard.submit import submit
-from threecad.data import read_mask
+from leaderboard.validate import Limits, SubmissionRejected, validate_submission
+from threecad.dataset.layout import list_categories, list_samples
+from threecad.dataset.masks import read_mask
 from threecad.io import image_size
-from threecad.layout import list_categories, list_samples
-from threecad.maps import map_relpath, write_map
+from threecad.maps.files import map_relpath, write_map
 
 FINGERPRINT = "sha256:test"  # skip hashing the dataset in every test; one test uses the real one
 
@@ -412,7 +412,7 @@ def test_cli_validate_and_submit(synth_root, valid, tmp_path):
     table = runner.invoke(cli, ["leaderboard", "table", "--store", str(store), "--source", "evaluated",
                                 "--metric", "p_auroc"])
     assert "Oracle (1)" in table.output and "protocol mvtec" in table.output
-    with Store(store) as db:  # the real dataset fingerprint from threecad.verify
+    with Store(store) as db:  # the real dataset fingerprint from threecad.dataset.verify
         assert db.submissions("evaluated")[0]["dataset_fingerprint"].startswith("sha256:")
 
 

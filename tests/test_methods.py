@@ -31,9 +31,9 @@ from baselines.coreset import chunked_greedy_coreset, greedy_coreset
 from baselines.knn import nearest_neighbors
 from baselines.padim import PaDiM, mahalanobis
 from baselines.patchcore import PAPER_SETTINGS, PatchCore
-from threecad.data import AnomalyDataset
+from threecad.dataset.layout import Sample
+from threecad.dataset.loaders import AnomalyDataset
 from threecad.errors import ThreecadError
-from threecad.layout import Sample
 from threecad.methods import INPUT_OPTIONS, available, build, get_method, load_method, native_size_maps
 
 

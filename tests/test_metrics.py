@@ -20,11 +20,11 @@ from skimage import measure
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
 from cli import cli
-from threecad.data import read_mask
+from threecad.dataset.layout import list_categories, list_samples
+from threecad.dataset.masks import read_mask
 from threecad.errors import ThreecadError
 from threecad.io import image_size
-from threecad.layout import list_categories, list_samples
-from threecad.maps import map_relpath, read_map, write_map
+from threecad.maps.files import map_relpath, read_map, write_map
 from threecad.metrics import METRICS, Evaluator, evaluate_predictions
 from threecad.metrics.ranking import float_keys, keys_to_float
 
@@ -482,7 +482,7 @@ def test_declared_size_resizes_masks_nearest_and_maps_bilinear():
 
 def test_scores_csv_beside_the_maps_gives_the_image_scores(synth_root, tmp_path):
     """predict writes scores.csv; evaluate must use it (and only it) for I-AUROC when present."""
-    from threecad.maps import read_scores, write_scores
+    from threecad.maps.files import read_scores, write_scores
 
     rng = np.random.default_rng(17)
     predictions = tmp_path / "pred"

@@ -25,13 +25,20 @@ from PIL import Image
 from skimage import measure
 
 from cli import cli
-from leaderboard.submission import validate_submission
-from threecad.data import read_mask, samples_from_manifest, tabular_frame
+from leaderboard.validate import validate_submission
+from threecad.dataset.layout import list_categories, list_samples
+from threecad.dataset.manifest import (
+    COLUMNS,
+    find_manifest,
+    image_metadata,
+    read_manifest,
+    samples_from_manifest,
+)
+from threecad.dataset.masks import read_mask
+from threecad.dataset.tabular import tabular_frame
 from threecad.errors import ThreecadError
 from threecad.io import image_size
-from threecad.layout import list_categories, list_samples
-from threecad.manifest import COLUMNS, find_manifest, image_metadata, read_manifest
-from threecad.maps import map_relpath, write_map
+from threecad.maps.files import map_relpath, write_map
 
 # ---------------------------------------------------------------------------------------------- scores
 
@@ -180,8 +187,8 @@ def test_synth_writes_the_schema(synth_root):
 
 
 def test_import_and_split_write_the_schema_and_import_splits_like_assign_splits(tmp_path):
-    from threecad.import_folder import import_folder
-    from threecad.split import Group, assign_splits, split_dataset
+    from threecad.dataset.split import Group, assign_splits, split_dataset
+    from threecad.ingest.import_folder import import_folder
 
     rng = np.random.default_rng(1)
     src = tmp_path / "src"
@@ -198,7 +205,7 @@ def test_import_and_split_write_the_schema_and_import_splits_like_assign_splits(
     table = read_manifest(tmp_path / "imp" / "manifest.parquet")
     _check_rows(tmp_path / "imp", table)
     assert set(table.loc[table["label"] == 1, "region_count"]) == {2}
-    # the split is threecad.split.assign_splits over groups of identical bytes (here one file each)
+    # the split is threecad.dataset.split.assign_splits over groups of identical bytes (here one file each)
     normals = table[table["label"] == 0]
     expected = assign_splits([Group(_sha(src / s), "Widget", False) for s in normals["source"]], 0.5, 0.5, 0.0, 9)
     assert list(normals["split"]) == [expected[_sha(src / s)] for s in normals["source"]]
@@ -212,7 +219,7 @@ def test_import_and_split_write_the_schema_and_import_splits_like_assign_splits(
 
 
 def test_preprocess_writes_the_schema(tmp_path):
-    from threecad.preprocess import preprocess
+    from threecad.ingest.preprocess import preprocess
     from threecad.synth.raw import make_raw_dataset
 
     raw = make_raw_dataset(tmp_path / "raw", seed=1, categories=1, images=2, size=(160, 96), large=0)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import threecad.io as tio
-from threecad.data import write_tabular
+from threecad.dataset.tabular import write_tabular
 from threecad.io import atomic_write, current_umask, save_image, staged_dir, write_json, write_text
-from threecad.maps import write_map
+from threecad.maps.files import write_map
 
 
 @pytest.fixture

@@ -17,13 +17,14 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from sahi.slicing import get_slice_bboxes
 
-from threecad.data import AnomalyDataset, read_mask
+from threecad.dataset.layout import detect_mask_style, list_samples
+from threecad.dataset.loaders import AnomalyDataset
+from threecad.dataset.masks import read_mask
 from threecad.errors import ThreecadError
+from threecad.ingest.preprocess import STATE, PreprocessConfig, plan, preprocess
+from threecad.ingest.tiling import tile_windows
 from threecad.io import sha256_file
-from threecad.layout import detect_mask_style, list_samples
-from threecad.preprocess import STATE, PreprocessConfig, plan, preprocess
 from threecad.synth.raw import make_raw_dataset
-from threecad.tiling import tile_windows
 
 ROOT = Path(__file__).resolve().parents[1]
 RAW = {"seed": 11, "categories": 2, "images": 6, "size": (300, 220), "large": 0}
@@ -97,7 +98,7 @@ def test_tiles_are_crops_and_masks_lose_no_pixel(raw, out):
     path, _ = out
     manifest = pd.read_parquet(path / "manifest.parquet")
     sources, _, _ = plan(raw, PreprocessConfig(**OPTS))
-    from threecad.annotations import rasterize, rle_decode
+    from threecad.ingest.annotations import rasterize, rle_decode
 
     cut = 0
     for src in (s for s in sources if s.status == "defective"):
@@ -238,8 +239,8 @@ def test_refuses_foreign_or_changed_output_and_strict(raw, out, tmp_path):
 def test_coco_input_with_rle_and_mvtec_naming(tmp_path):
     from shapely.geometry import Polygon
 
-    from threecad.annotations import rasterize
-    from threecad.annotations.raster import rle_encode
+    from threecad.ingest.annotations import rasterize
+    from threecad.ingest.annotations.raster import rle_encode
 
     folder = tmp_path / "raw" / "parts"
     folder.mkdir(parents=True)

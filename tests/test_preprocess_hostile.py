@@ -15,10 +15,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import cli
-from threecad.annotations import shapes as S
-from threecad.annotations.raster import rle_encode
 from threecad.errors import ThreecadError
-from threecad.preprocess import STATE, preprocess
+from threecad.ingest.annotations import shapes as S
+from threecad.ingest.annotations.raster import rle_encode
+from threecad.ingest.preprocess import STATE, preprocess
 
 
 def _image(path: Path, size: tuple[int, int] = (96, 64), seed: int = 0) -> Path:

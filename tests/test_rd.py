@@ -1,5 +1,5 @@
 """RD and RD++ (``baselines/rd.py``), the shared reverse-distillation blocks
-(``threecad.methods.blocks``) and the shared map post-processing (``threecad.postprocess``).
+(``threecad.methods.blocks``) and the shared map post-processing (``threecad.maps.postprocess``).
 
 Everything runs on CPU in seconds: the WideResNet-50-2 configuration is counted with random encoder
 weights (no file needed) and meta-device OCBE/decoder/projections; fits use the offline Lite0
@@ -34,6 +34,7 @@ from baselines.rd import (
     reconstruction_loss,
 )
 from threecad.errors import ThreecadError
+from threecad.maps.postprocess import gaussian_blur, top_fraction_mean, upsample_maps
 from threecad.methods import CONFIG_FILE, available, build, check_overrides, load_method
 from threecad.methods.blocks import (
     Teacher,
@@ -42,7 +43,6 @@ from threecad.methods.blocks import (
     count_parameters,
     flattened_cosine_loss,
 )
-from threecad.postprocess import gaussian_blur, top_fraction_mean, upsample_maps
 
 WRN50_CHANNELS = (256, 512, 1024)
 
@@ -202,7 +202,10 @@ def test_map_equals_brute_force_cosine_distance_then_scipy(fitted):
     raw = cosine_distance_map(out["encoder"], out["decoded"], (64, 64)).numpy()
     for b in range(2):
         np.testing.assert_allclose(maps[b], gaussian_filter(raw[b].astype(np.float64), sigma=4), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(scores, maps.reshape(2, -1).max(1))  # image score = max (official)
+    # image score: the mean of the top 1 % of the map (41 of 4096 pixels; the validated default)
+    top = np.sort(maps.reshape(2, -1), axis=1)[:, -41:].mean(1)
+    np.testing.assert_allclose(scores, top, rtol=1e-5)
+    assert model.topk == 0.01 and fitted["rdpp"].topk == 0.0  # RD++ keeps the official maximum
 
 
 @pytest.mark.parametrize("shape", [(50, 70), (5, 7), (1, 1), (2, 40), (33, 33)])
@@ -302,7 +305,8 @@ def test_registered_and_options_checked():
                                                        "noise_seed"}
     defaults = RD.defaults()
     assert (defaults["epochs"], defaults["batch_size"], defaults["lr"], defaults["sigma"], defaults["topk"],
-            defaults["encoder"]) == (200, 16, 0.005, 4.0, 0.0, "wide_resnet50_2")
+            defaults["encoder"], defaults["bottleneck"]) == (200, 16, 0.005, 4.0, 0.01, "wide_resnet50_2", "wide")
+    assert (RDPP.defaults()["topk"], RDPP.defaults()["bottleneck"]) == (0.0, "scaled")  # each its own validation
     for name, bad in (("rd", {"size": 100}), ("rd", {"lr": 0}), ("rd", {"topk": 1.5}), ("rd", {"epochs": 0}),
                       ("rd", {"sigma": -1.0}), ("rd", {"bottleneck": "huge"}), ("rdpp", {"accumulate": 0}),
                       ("rdpp", {"proj_lr": 0.0})):
@@ -357,7 +361,7 @@ def test_projection_layer_is_the_official_stack():
 
 @pytest.mark.parametrize("name", ["rd", "rdpp"])
 def test_runner_trains_predicts_and_evaluates(name, synth_root, tmp_path):
-    from threecad.layout import list_categories
+    from threecad.dataset.layout import list_categories
     from threecad.methods import runner
     from threecad.metrics import evaluate_predictions
 
@@ -375,7 +379,7 @@ def test_runner_trains_predicts_and_evaluates(name, synth_root, tmp_path):
 def test_torchrun_cli_train_and_predict_write_once_from_rank_0(synth_root, tmp_path):
     """`3cad train` and `3cad predict` under a real 2-process gloo torchrun: both ranks fit, rank 0
     alone writes the run folder and the maps."""
-    from threecad.layout import list_categories, list_samples
+    from threecad.dataset.layout import list_categories, list_samples
 
     category = list_categories(synth_root)[0]
     cli_file = Path(__file__).resolve().parents[1] / "cli.py"

@@ -14,9 +14,9 @@ from sklearn.metrics import roc_auc_score
 from baselines.demo import DemoConfig, run_demo
 from cli import cli
 from threecad.backbones import list_backbones
+from threecad.dataset.layout import list_categories, list_samples
 from threecad.errors import ThreecadError
-from threecad.layout import list_categories, list_samples
-from threecad.maps import map_relpath, read_scores
+from threecad.maps.files import map_relpath, read_scores
 
 #: The smallest demo that still has train, good-test and defective-test tiles: one category of four
 #: small raw frames (two defective), 64-px tiles, PatchCore with a quarter of the patches kept.

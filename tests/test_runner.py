@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 import threecad.methods.runner as runner
 from cli import cli
+from threecad.dataset.layout import list_samples
 from threecad.errors import ThreecadError
 from threecad.io import image_size
-from threecad.layout import list_samples
-from threecad.maps import find_map, read_map
+from threecad.maps.files import find_map, read_map
 from threecad.metrics import evaluate_predictions
 
 CATEGORY = "Aluminum_Ipad"

@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from threecad.dataset.layout import list_samples
+from threecad.dataset.manifest import read_manifest
+from threecad.dataset.split import Group, assign_splits, split_dataset
 from threecad.errors import ThreecadError
-from threecad.layout import list_samples
-from threecad.manifest import read_manifest
-from threecad.preprocess import preprocess
-from threecad.split import Group, assign_splits, split_dataset
+from threecad.ingest.preprocess import preprocess
 from threecad.synth.raw import make_raw_dataset
 
 

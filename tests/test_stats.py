@@ -11,9 +11,9 @@ from PIL import Image
 from skimage.measure import label, regionprops
 
 from cli import cli
-from threecad.data import read_mask
-from threecad.layout import list_categories, list_samples
-from threecad.stats import dataset_stats
+from threecad.dataset.layout import list_categories, list_samples
+from threecad.dataset.masks import read_mask
+from threecad.dataset.stats import dataset_stats
 
 
 def _save(path, array):

@@ -90,7 +90,7 @@ def test_painted_pixels_are_exactly_the_annotated_ones():
         for record in records:
             if "defect_type" not in record:
                 continue
-            from threecad.annotations import RawAnnotation, rasterize, to_geometry
+            from threecad.ingest.annotations import RawAnnotation, rasterize, to_geometry
 
             shape = shapes[record["annotation"]]
             geom, _ = to_geometry(RawAnnotation(0, shape["label"], shape["shape_type"], shape["points"]), spec.width, spec.height, R.LINE_WIDTH)

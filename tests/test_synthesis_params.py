@@ -1,4 +1,4 @@
-"""The synthesis parameter sets of CFRG, DRAEM and DeSTSeg (``threecad.anomalies``): one code, each
+"""The synthesis parameter sets of CFRG, DRAEM and DeSTSeg (``threecad.synth.anomalies``): one code, each
 method's draws. CFRG's samples are pinned (its results must not move), DRAEM's clean and rotated
 shares and texture augmenters are counted over many draws, DeSTSeg's samples are always anomalous
 with grey-filled rotations, and the augmenters and the rotation are checked against their
@@ -11,7 +11,8 @@ import pytest
 import torch
 from smooth_images import SmoothImages
 
-from threecad.anomalies import (
+from threecad.errors import ThreecadError
+from threecad.synth.anomalies import (
     CFRG_SYNTHESIS,
     DRAEM_SYNTHESIS,
     GREY_FILL,
@@ -25,7 +26,6 @@ from threecad.anomalies import (
     perlin_mask,
     rotate_image,
 )
-from threecad.errors import ThreecadError
 
 
 class _Gray(torch.utils.data.Dataset):

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
 from cli import cli
-from threecad.data import AnomalyDataset
+from threecad.dataset.layout import list_categories, list_samples
+from threecad.dataset.loaders import AnomalyDataset
 from threecad.errors import ThreecadError
-from threecad.layout import list_categories, list_samples
 from threecad.methods import load_method, runner, tuning
 from threecad.synth.validation import make_validation_set
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from threecad.anomalies import dark_spot, edge_chip, shaded_region
-from threecad.data import read_mask
+from threecad.dataset.layout import list_samples
+from threecad.dataset.masks import read_mask
 from threecad.errors import ThreecadError
 from threecad.io import read_image
-from threecad.layout import list_samples
+from threecad.synth.anomalies import dark_spot, edge_chip, shaded_region
 from threecad.synth.validation import KINDS, make_validation_set
 
 

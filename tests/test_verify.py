@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import cli
-from threecad.catalog import CATEGORIES, CATEGORY_FOLDERS
+from threecad.dataset.catalog import CATEGORIES, CATEGORY_FOLDERS
+from threecad.dataset.verify import verify_dataset
 from threecad.synth.dataset import SynthDatasetConfig, make_synthetic_dataset
-from threecad.verify import verify_dataset
 
 
 @pytest.fixture

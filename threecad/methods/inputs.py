@@ -1,7 +1,7 @@
 """The input transform of a saved method: native images in, model inputs out, maps back to native size.
 
-A file loaded by :class:`threecad.data.AnomalyDataset` is decoded to uint8 RGB, resized and
-exposure-normalised by :func:`threecad.data.prepare_image`, and scaled to [0, 1]. An image handed
+A file loaded by :class:`threecad.dataset.loaders.AnomalyDataset` is decoded to uint8 RGB, resized and
+exposure-normalised by :func:`threecad.dataset.transforms.prepare_image`, and scaled to [0, 1]. An image handed
 to :meth:`threecad.methods.Method.predict` takes the same road from the same point: integer arrays
 are brought to uint8 RGB as :func:`threecad.io.read_image` brings a file (16 bits scaled by bit
 depth, grey replicated), float images are quantised to the 8-bit grid a loaded file lies on. So the
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from threecad.data import prepare_image, target_size
+from threecad.dataset.transforms import prepare_image, target_size
 from threecad.errors import ThreecadError
 from threecad.io import to_uint8
 
@@ -35,7 +35,7 @@ def _rgb_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def _as_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 HxWx3 -> float32 3xHxW in [0, 1], as :class:`threecad.data.AnomalyDataset` returns it."""
+    """uint8 HxWx3 -> float32 3xHxW in [0, 1], as :class:`threecad.dataset.loaders.AnomalyDataset` returns it."""
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
 
 

@@ -14,7 +14,7 @@ inference options may differ from what the run was fitted with.
 
 Every method also takes the three **input options** of :data:`INPUT_OPTIONS` (``size``, ``resize``,
 ``exposure``), declared here once for all: how an image at its native size becomes the model's
-input, exactly as :class:`threecad.data.AnomalyDataset` loads it. They are saved with the method, so
+input, exactly as :class:`threecad.dataset.loaders.AnomalyDataset` loads it. They are saved with the method, so
 ``load_method(run).predict(images)`` takes images at any size and returns maps at each image's own
 size. A subclass implements :meth:`Method.predict_batch` on a batch already at its input size.
 """
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from threecad import __version__
-from threecad.data import EXPOSURE_MODES, ResizeMode
+from threecad.dataset.transforms import EXPOSURE_MODES, ResizeMode
 from threecad.errors import ThreecadError
 from threecad.io import write_bytes, write_json
 
@@ -136,7 +136,7 @@ class Option:
             raise ThreecadError(f"method {method!r} option {key} takes {self.allowed()}, got {value!r}")
 
 
-#: How a native image becomes the model's input, for every method (see :mod:`threecad.data`):
+#: How a native image becomes the model's input, for every method (see :mod:`threecad.dataset`):
 #: ``size`` the side it is resized to (``None``: fed as it is), ``resize`` squash / aspect / native,
 #: ``exposure`` raw / mean. They shape what ``fit`` learns, so a saved run keeps them.
 INPUT_OPTIONS: dict[str, Option] = {
@@ -209,7 +209,7 @@ class Method(abc.ABC, metaclass=_MethodType):
 
     @abc.abstractmethod
     def fit(self, train_set: torch.utils.data.Dataset, val_set: torch.utils.data.Dataset | None = None):
-        """Learn from normal images, items of :class:`threecad.data.AnomalyDataset` already at the
+        """Learn from normal images, items of :class:`threecad.dataset.loaders.AnomalyDataset` already at the
         input settings (:meth:`input_settings`); returns ``self``. Never reads a test split."""
 
     @abc.abstractmethod
@@ -302,7 +302,7 @@ class Method(abc.ABC, metaclass=_MethodType):
         ``images``: a list of numpy ``HxW`` / ``HxWx3`` uint8 or uint16 arrays (16 bits scaled as
         :func:`threecad.io.read_image` scales them) or float ``3xHxW`` tensors in [0, 1], or one
         ``Bx3xHxW`` tensor. Each is resized and exposure-normalised as
-        :class:`threecad.data.AnomalyDataset` loads a file at this method's input settings,
+        :class:`threecad.dataset.loaders.AnomalyDataset` loads a file at this method's input settings,
         consecutive ones of equal input shape go to :meth:`predict_batch` together (``batch_size``,
         default the method's own or 16), and each map is resized back (bilinear) to its image's size.
         Returns the scores ``(N,)`` and, for a batch tensor, the maps ``(B, H, W)``; for a list, a

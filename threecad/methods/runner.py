@@ -40,13 +40,14 @@ from typing import Any
 import torch
 
 from threecad import __version__
-from threecad.catalog import resolve_categories
-from threecad.data import AnomalyDataset, check_exposure
+from threecad.dataset.catalog import resolve_categories
+from threecad.dataset.layout import list_categories, list_samples
+from threecad.dataset.loaders import AnomalyDataset
+from threecad.dataset.transforms import check_exposure
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError, located
 from threecad.io import check_output_dir, image_size, staged_dir, write_json
-from threecad.layout import list_categories, list_samples
-from threecad.maps import SCORES_FILE, map_relpath, write_map, write_scores
+from threecad.maps.files import SCORES_FILE, map_relpath, write_map, write_scores
 from threecad.methods.batching import iter_batches
 from threecad.methods.inputs import native_size_maps
 from threecad.methods.method import CONFIG_FILE, INPUT_OPTIONS, RUN_FILE, Method
@@ -143,13 +144,13 @@ def train(
 
     ``out`` defaults to ``runs/<method>``; a non-empty ``out`` is refused unless ``overwrite``, and
     it is replaced only once every category is fitted (see the module docstring). ``categories``:
-    folder names, 3CAD codes or aliases, or ``"all"`` (:func:`threecad.catalog.resolve_categories`).
+    folder names, 3CAD codes or aliases, or ``"all"`` (:func:`threecad.dataset.catalog.resolve_categories`).
     ``validation``: ``"auto"`` passes ``validation/good`` to the method when the dataset has it,
     ``True`` requires it, ``False`` never passes it. ``size``, ``resize`` and ``exposure`` are the
     method's input options (``None``: the value in ``config``, else the method's recommendation,
     else 256, ``"squash"``, ``"raw"``);
     ``exposure="mean"`` normalises each image's mean intensity
-    (:func:`threecad.data.normalize_exposure`). They are saved with the method, recorded in
+    (:func:`threecad.dataset.transforms.normalize_exposure`). They are saved with the method, recorded in
     ``run.json``, and applied again by :func:`predict` and by the loaded method's ``predict``.
     """
     dataset = Path(dataset)

@@ -31,11 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from threecad.catalog import resolve_categories
-from threecad.data import AnomalyDataset, read_mask
+from threecad.dataset.catalog import resolve_categories
+from threecad.dataset.layout import list_categories, list_samples
+from threecad.dataset.loaders import AnomalyDataset
+from threecad.dataset.masks import read_mask
 from threecad.errors import ThreecadError
 from threecad.io import check_output_dir, image_size, staged_dir, write_json
-from threecad.layout import list_categories, list_samples
 from threecad.methods.batching import iter_batches
 from threecad.methods.inputs import native_size_maps
 from threecad.methods.method import INPUT_OPTIONS, RUN_FILE, Method
@@ -140,7 +141,7 @@ def tune(
     if missing:
         raise ThreecadError(f"tune needs validation/good images, and {', '.join(missing)} has none: make them with "
                             "`3cad data import-folder ... --validation-fraction 0.15` or `3cad data split "
-                            "--validation-fraction 0.15`", dataset)
+                            "--val-fraction 0.15`", dataset)
     config = dict(config or {})
     grid = {k: list(v) for k, v in (declared_grid(method) if grid is None else grid).items() if k not in config}
     fit_grid, predict_grid = candidates(method, grid)

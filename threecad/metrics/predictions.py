@@ -1,6 +1,6 @@
 """Evaluate a predictions folder in the submission layout against a dataset's ground truth.
 
-The folder is checked by the rules of :mod:`threecad.maps`, the same functions the leaderboard
+The folder is checked by the rules of :mod:`threecad.maps.files`, the same functions the leaderboard
 validator uses: exactly one ``<Category>/test/<defect>/<stem>.tiff`` per test image, float16 or
 float32, at the image's size (or the declared ``size``), finite, and a ``scores.csv`` (if any)
 with one finite score per test image. Any problem is an error naming the file, so a leaderboard
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from threecad.catalog import resolve_categories
+from threecad.dataset.catalog import resolve_categories
+from threecad.dataset.layout import list_categories, list_samples
 from threecad.errors import ThreecadError
 from threecad.io import image_size
-from threecad.layout import list_categories, list_samples
-from threecad.maps import SCORES_FILE, check_map_files, map_relpath, read_map, read_scores
+from threecad.maps.files import SCORES_FILE, check_map_files, map_relpath, read_map, read_scores
 from threecad.metrics.evaluator import METRICS, Evaluator
 from threecad.progress import progress
 
@@ -52,7 +52,7 @@ def evaluate_predictions(
     ``categories`` defaults to every category of the dataset, and then every file of the folder
     must belong to it (a category the dataset lacks is an error too); explicit names may be
     folders, 3CAD codes (``ANI``) or catalogue aliases
-    (:func:`threecad.catalog.resolve_categories`), and then only those category folders, and
+    (:func:`threecad.dataset.catalog.resolve_categories`), and then only those category folders, and
     ``scores.csv`` rows of those categories, are looked at. ``size`` evaluates at a declared
     (width, height) instead of the native resolution (``mvtec`` protocol only); the maps must then
     have that size.
@@ -107,7 +107,7 @@ def evaluate_predictions(
 def ground_truth_mask(sample, size: tuple[int, int] | None = None) -> np.ndarray:
     """The boolean mask of a test image at its native ``size`` (width, height; read from the image
     when not given), all False for a good image."""
-    from threecad.data import read_mask  # imports torch: only when a folder is evaluated
+    from threecad.dataset.masks import read_mask  # imports torch: only when a folder is evaluated
 
     width, height = size or image_size(sample.image_path)
     if sample.label == 0:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from threecad.catalog import CATEGORY_FOLDERS
+from threecad.dataset.catalog import CATEGORY_FOLDERS
+from threecad.dataset.layout import GOOD, mask_name
+from threecad.dataset.manifest import MANIFEST, manifest_row, write_manifest
 from threecad.errors import ThreecadError
 from threecad.io import check_output_dir, save_image, write_json
-from threecad.layout import GOOD, mask_name
-from threecad.manifest import MANIFEST, manifest_row, write_manifest
 from threecad.progress import progress
 from threecad.synth.surface import (
     defect_polygon,
@@ -90,7 +90,7 @@ def make_synthetic_dataset(
     """Write ``<out>/<Category>/{train/good,test/good,test/<defect>,ground_truth/<defect>}``.
 
     Deterministic for a seed: the same seed gives the same bytes. Also writes the manifest
-    (:mod:`threecad.manifest`: every image with its defect types, regions and checksums) and
+    (:mod:`threecad.dataset.manifest`: every image with its defect types, regions and checksums) and
     ``<out>/synth_dataset.json`` (the seed and the configuration).
     """
     cfg = config or SynthDatasetConfig()

@@ -17,7 +17,7 @@ preprocessing is expected to report, so tests can check the report line by line:
   disagree with its image, a JSON that does not parse, and a decompression-bomb-sized PNG header.
 
 Defects are painted from the *repaired* geometry of their annotation under the project's pixel
-convention (:mod:`threecad.annotations.raster`), so the pixels that differ from the clean surface
+convention (:mod:`threecad.ingest.annotations.raster`), so the pixels that differ from the clean surface
 are exactly the annotated ones (up to JPEG ringing). Dropped annotations are not painted.
 """
 
@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from threecad.annotations import RawAnnotation, rasterize, to_geometry
-from threecad.annotations import shapes as S
-from threecad.catalog import CATEGORY_FOLDERS
+from threecad.dataset.catalog import CATEGORY_FOLDERS
 from threecad.errors import ThreecadError
+from threecad.ingest.annotations import RawAnnotation, rasterize, to_geometry
+from threecad.ingest.annotations import shapes as S
 from threecad.io import save_image, write_bytes, write_json, write_text
 from threecad.progress import progress
 from threecad.synth.surface import defect_polygon, paint_defect, render_surface, to_uint8

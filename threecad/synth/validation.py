@@ -9,11 +9,11 @@ synthetic anomaly (``test/<kind>``, masks in ``ground_truth/<kind>``), so ``3cad
 * ``painted``: scratches, pinholes, dirt and bumps painted as in the synthetic datasets
   (:mod:`threecad.synth.surface`);
 * ``texture``: the self-supervised training recipe (Perlin blob blended with another training image
-  or a procedural texture, :func:`threecad.anomalies.texture_blob`): large, often faint regions;
-* ``dark``: a pit, hole or crack (:func:`threecad.anomalies.dark_spot`);
-* ``edge``: material missing at the border (:func:`threecad.anomalies.edge_chip`);
+  or a procedural texture, :func:`threecad.synth.anomalies.texture_blob`): large, often faint regions;
+* ``dark``: a pit, hole or crack (:func:`threecad.synth.anomalies.dark_spot`);
+* ``edge``: material missing at the border (:func:`threecad.synth.anomalies.edge_chip`);
 * ``shade``: a large, faint, soft-edged region 12-30 % darker or brighter, like uneven grinding or a
-  worn area (:func:`threecad.anomalies.shaded_region`). Pixel-level AUROC pools every pixel, so
+  worn area (:func:`threecad.synth.anomalies.shaded_region`). Pixel-level AUROC pools every pixel, so
   large defects weigh most in it; the other kinds are all small or high-contrast.
 
 No kind is a real defect, so a validation score ranks settings; it does not predict test figures.
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from threecad.anomalies import TextureBank, dark_spot, edge_chip, shaded_region, texture_blob
-from threecad.data import AnomalyDataset
+from threecad.dataset.layout import list_samples
+from threecad.dataset.loaders import AnomalyDataset
 from threecad.errors import ThreecadError
 from threecad.io import read_image, save_image
-from threecad.layout import list_samples
 from threecad.progress import progress
+from threecad.synth.anomalies import TextureBank, dark_spot, edge_chip, shaded_region, texture_blob
 from threecad.synth.surface import defect_polygon, paint_defect, polygon_mask, to_uint8
 
 DEFECT_TYPES = ("scratch", "pinhole", "dirt", "bump")

@@ -2,7 +2,7 @@
 
 A COCO file describes many images, so one bad entry must not cost the others: entries whose ids
 are not ids (lists, dicts, floats, bools), duplicated image ids, ``file_name`` values that are not
-strings and annotations that name no image become :class:`~threecad.annotations.shapes.Issue`
+strings and annotations that name no image become :class:`~threecad.ingest.annotations.shapes.Issue`
 rows in :attr:`CocoFile.problems`; only a file that is unreadable or not COCO at all raises. An
 annotation whose ``category_id`` is not declared in ``categories`` keeps ``label=None`` (reported
 as an unknown label by the caller), instead of silently becoming a defect type named after the id.
@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from threecad.annotations.jsonfile import json_id, json_int, read_json
-from threecad.annotations.shapes import DROPPED, MALFORMED_ENTRY, SKIPPED, Issue, RawAnnotation
 from threecad.errors import ThreecadError, shorten
+from threecad.ingest.annotations.jsonfile import json_id, json_int, read_json
+from threecad.ingest.annotations.shapes import DROPPED, MALFORMED_ENTRY, SKIPPED, Issue, RawAnnotation
 
 
 @dataclass
@@ -66,7 +66,7 @@ def read_coco(path: str | Path) -> CocoFile:
 
     ``segmentation`` is either a list of flat polygons ``[x1, y1, x2, y2, ...]`` (shape type
     ``polygons``) or an RLE dict, compressed or not (shape type ``rle``). The file goes through
-    the one bounded reader (:func:`threecad.annotations.jsonfile.read_json`). ``file_name`` is
+    the one bounded reader (:func:`threecad.ingest.annotations.jsonfile.read_json`). ``file_name`` is
     returned as written: the caller checks it before it becomes a path.
     """
     path = Path(path)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from threecad.annotations.jsonfile import check_depth, read_json, read_text_bounded
 from threecad.errors import ThreecadError
+from threecad.ingest.annotations.jsonfile import check_depth, read_json, read_text_bounded
 
 #: Results of :meth:`LabelMap.resolve`.
 OK, IGNORED, UNKNOWN = "ok", "ignored", "unknown"

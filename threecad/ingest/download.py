@@ -35,12 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from threecad.archive import Limits, archive_stem, extract
-from threecad.catalog import SOURCES
+from threecad.dataset.catalog import SOURCES
+from threecad.dataset.layout import list_categories
+from threecad.dataset.verify import Expect, VerifyReport, verify_dataset
 from threecad.errors import ThreecadError
 from threecad.io import sha256_file, staged_dir, write_text
-from threecad.layout import list_categories
 from threecad.progress import progress
-from threecad.verify import Expect, VerifyReport, verify_dataset
 
 log = logging.getLogger(__name__)
 

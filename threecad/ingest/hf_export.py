@@ -8,7 +8,7 @@ stored file paths would stop loading once the source folder moves, which is the 
 module exists to avoid (the test exports, deletes the source, reloads and compares every pixel).
 
 Images are embedded byte for byte as stored (no re-encoding, so nothing is lost); masks are
-binarised with :func:`threecad.data.read_mask` and stored as 0/255 grayscale PNGs, so every
+binarised with :func:`threecad.dataset.masks.read_mask` and stored as 0/255 grayscale PNGs, so every
 consumer sees the same foreground whatever the source encoding was. Masks are in the displayed
 orientation (EXIF applied, as everywhere in threecad), which is also how ``datasets`` decodes an
 image carrying an orientation tag. Good images have no mask
@@ -33,11 +33,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from threecad.catalog import CATEGORY_FOLDERS, LICENSE_NOTE, canonical_category, resolve_categories
-from threecad.data import collect_samples, image_metadata, read_mask
+from threecad.dataset.catalog import CATEGORY_FOLDERS, LICENSE_NOTE, canonical_category, resolve_categories
+from threecad.dataset.layout import GOOD, SPLITS, Sample, list_categories
+from threecad.dataset.loaders import collect_samples
+from threecad.dataset.manifest import image_metadata
+from threecad.dataset.masks import read_mask
 from threecad.errors import ThreecadError
 from threecad.io import check_output_dir, image_size, staged_dir
-from threecad.layout import GOOD, SPLITS, Sample, list_categories
 from threecad.progress import progress
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ declared in ``meta.json``), ``meta.json`` and optionally ``scores.csv`` (``categ
 Nothing is trusted before it is checked: archives are unpacked by :func:`threecad.archive.extract`,
 the one extractor (no absolute paths, no ``..``, no links or device files, file-count, size and
 compression-ratio limits, bytes counted while extracting so a lying header cannot exceed them),
-maps and ``scores.csv`` are checked by :mod:`threecad.maps`, the rules ``3cad evaluate`` applies too
+maps and ``scores.csv`` are checked by :mod:`threecad.maps.files`, the rules ``3cad evaluate`` applies too
 (TIFF headers read before pixel data, so a map declaring a huge size is refused without decoding),
 and every problem is collected so one report lists them all, each naming its file.
 """
@@ -31,10 +31,10 @@ from typing import Any
 from leaderboard.reported import FAMILY_ORDER
 from threecad import archive as _archive
 from threecad.archive import archive_kind
+from threecad.dataset.layout import list_categories, list_samples
 from threecad.errors import ThreecadError
 from threecad.io import image_size, sha256_file
-from threecad.layout import list_categories, list_samples
-from threecad.maps import (
+from threecad.maps.files import (
     MAX_MAP_PIXELS,
     META_FILE,
     SCORES_FILE,
@@ -268,7 +268,7 @@ def read_meta(root: Path, report: ValidationReport) -> None:
 
 def read_scores(root: Path, expected: list[tuple[str, str]], report: ValidationReport) -> dict | None:
     """``scores.csv`` rows keyed (category, path below category), checked against the test images
-    ``expected`` by :func:`threecad.maps.check_scores` (the rules ``evaluate`` applies); every
+    ``expected`` by :func:`threecad.maps.files.check_scores` (the rules ``evaluate`` applies); every
     problem becomes a report error. None when the submission has no ``scores.csv``."""
     path = root / SCORES_FILE
     if not path.is_file():
@@ -282,7 +282,7 @@ def read_scores(root: Path, expected: list[tuple[str, str]], report: ValidationR
 
 def _check_categories(dataset: Path | str, categories: list[str] | None) -> list[str]:
     """The dataset folders meant by ``categories`` (folders, 3CAD codes, aliases); all when empty."""
-    from threecad.catalog import resolve_categories
+    from threecad.dataset.catalog import resolve_categories
 
     return resolve_categories(list_categories(dataset), categories, dataset)
 

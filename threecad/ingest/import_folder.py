@@ -5,7 +5,7 @@ Source layout: ``<src>/<Class>/.../<name>.<ext>`` with the mask beside the image
 masks) or ``<name>_mask<mask suffix>``. Classes named with ``normal`` hold defect-free images
 (their masks, if any, must be empty); every other class is a defect type.
 
-The split is the unsupervised-benchmark one, made by :func:`threecad.split.assign_splits` (the
+The split is the unsupervised-benchmark one, made by :func:`threecad.dataset.split.assign_splits` (the
 function ``preprocess`` and ``split`` use): a seeded ``train_fraction`` of the normal images
 trains, a seeded ``validation_fraction`` of those moves to ``validation/good`` (model selection
 without touching test), and the remaining normals plus every defective image form the test set.
@@ -16,7 +16,7 @@ binarised and written upright as 0/255 PNGs named like their image (3CAD style),
 with the image as every reader here shows it.
 
 The output is built in a temporary sibling folder and renamed into place when complete. It also
-holds the manifest (:mod:`threecad.manifest`; ``source`` is each file's path below the source
+holds the manifest (:mod:`threecad.dataset.manifest`; ``source`` is each file's path below the source
 folder) and ``import.json`` (the settings, the source folder included, and the counts), so every
 file can be traced to its source.
 """
@@ -30,7 +30,10 @@ from typing import Literal
 
 import numpy as np
 
-from threecad.data import read_mask
+from threecad.dataset.layout import GOOD, IMAGE_SUFFIXES, MVTEC_SUFFIX
+from threecad.dataset.manifest import MANIFEST, manifest_row, write_manifest
+from threecad.dataset.masks import read_mask
+from threecad.dataset.split import Group, assign_splits, place_file
 from threecad.errors import ThreecadError
 from threecad.io import (
     check_output_dir,
@@ -42,10 +45,7 @@ from threecad.io import (
     to_uint8,
     write_json,
 )
-from threecad.layout import GOOD, IMAGE_SUFFIXES, MVTEC_SUFFIX
-from threecad.manifest import MANIFEST, manifest_row, write_manifest
 from threecad.progress import progress
-from threecad.split import Group, assign_splits, place_file
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def import_folder(
             masks[item.image] = binary
         kept.append(item)
 
-    # Seeded split of the normals (threecad.split.assign_splits, as preprocess and split do it), by
+    # Seeded split of the normals (threecad.dataset.split.assign_splits, as preprocess and split do it), by
     # groups of identical bytes: the fractions count groups, and twins land on one side.
     groups: dict[str, list[_Item]] = {}
     for item in progress([i for i in kept if i.defect == GOOD], desc="hash normals"):

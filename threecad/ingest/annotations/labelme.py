@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from threecad.annotations.jsonfile import json_int, read_json
-from threecad.annotations.shapes import RawAnnotation
 from threecad.errors import ThreecadError
+from threecad.ingest.annotations.jsonfile import json_int, read_json
+from threecad.ingest.annotations.shapes import RawAnnotation
 
 
 @dataclass
@@ -24,11 +24,11 @@ class LabelmeDoc:
 def read_labelme(path: str | Path) -> LabelmeDoc:
     """Parse one LabelMe file; raises :class:`ThreecadError` only if it is not a LabelMe JSON at all.
 
-    Problems inside individual shapes are left to :func:`threecad.annotations.to_geometry`, so a
+    Problems inside individual shapes are left to :func:`threecad.ingest.annotations.to_geometry`, so a
     broken shape never hides its valid neighbours. NaN in coordinates (Python's json writes it)
     is accepted here and reported later. A ``label`` that is not a string becomes ``None`` (an
     unknown label downstream). The file is read by the one bounded reader
-    (:func:`threecad.annotations.jsonfile.read_json`: size and nesting limits).
+    (:func:`threecad.ingest.annotations.jsonfile.read_json`: size and nesting limits).
     """
     path = Path(path)
     data = read_json(path, "LabelMe JSON")

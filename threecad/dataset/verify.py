@@ -28,11 +28,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from threecad.catalog import CATEGORY_FOLDERS, canonical_category, category_info
-from threecad.data import read_mask
+from threecad.dataset.catalog import CATEGORY_FOLDERS, canonical_category, category_info
+from threecad.dataset.layout import (
+    GOOD,
+    MVTEC_SUFFIX,
+    SPLITS,
+    Sample,
+    is_image,
+    list_categories,
+    list_samples,
+)
+from threecad.dataset.masks import read_mask
 from threecad.errors import ThreecadError
 from threecad.io import image_header, read_image, sha256_file, write_json
-from threecad.layout import GOOD, MVTEC_SUFFIX, SPLITS, Sample, is_image, list_categories, list_samples
 from threecad.progress import progress
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ A predictions folder (what ``3cad predict`` writes, what ``3cad evaluate`` reads
 leaderboard submission holds) is ``<Category>/test/<defect>/<stem>.tiff``: one single-channel
 float16 or float32 TIFF per test image, plus an optional ``scores.csv`` and, in a submission,
 ``meta.json``. ``evaluate`` (:mod:`threecad.metrics.predictions`) and the leaderboard validator
-(:mod:`leaderboard.submission`) both check it with the functions here, so a folder ``evaluate``
+(:mod:`leaderboard.validate`) both check it with the functions here, so a folder ``evaluate``
 scores is a folder the leaderboard accepts, and the other way round.
 
 Where the two used to differ, the stricter rule is the one kept:
@@ -44,7 +44,7 @@ MAX_MAP_PIXELS = 64 * 2**20
 #: path below its category (``test/<defect>/<file name>``), one row per test image.
 SCORES_FILE = "scores.csv"
 SCORE_COLUMNS = ("category", "path", "score")
-#: A submission's description of the method (see :mod:`leaderboard.submission`).
+#: A submission's description of the method (see :mod:`leaderboard.validate`).
 META_FILE = "meta.json"
 ScoreKey = tuple[str, str]
 

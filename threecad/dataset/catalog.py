@@ -80,7 +80,7 @@ class ArchiveSource:
 
 
 #: Archives linked from the official repository README (newest version first). Google Drive
-#: serves large files through a confirmation page; ``threecad.download`` asks for the direct
+#: serves large files through a confirmation page; ``threecad.ingest.download`` asks for the direct
 #: download and says what to do when Drive still answers with a web page.
 SOURCES: dict[str, ArchiveSource] = {
     "3cad": ArchiveSource(

@@ -32,11 +32,11 @@ import torch
 from leaderboard.reported import family_of
 from leaderboard.store import STANDARDIZED_RUNNER, Store
 from leaderboard.submit import PROTOCOLS, curve_rows, dataset_fingerprint, evaluate_tree, result_rows
-from threecad.catalog import resolve_categories
+from threecad.dataset.catalog import resolve_categories
+from threecad.dataset.layout import list_categories
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
-from threecad.layout import list_categories
-from threecad.maps import SCORES_FILE, read_scores, write_scores
+from threecad.maps.files import SCORES_FILE, read_scores, write_scores
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def standardized_run(
     ``out`` holds run folders and maps (default ``~/.threecad/runs/<run id>``). Categories whose
     results are already stored for this exact run are skipped.
     """
-    from threecad.data import AnomalyDataset
+    from threecad.dataset.loaders import AnomalyDataset
     from threecad.methods import get_method, load_method, runner
 
     dataset = Path(dataset)

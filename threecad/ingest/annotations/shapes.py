@@ -240,7 +240,7 @@ def to_geometry(
 
     ``line_width`` is the stroke width in pixels given to ``linestrip``/``line`` shapes, which
     LabelMe stores without one. ``rle`` annotations are masks, not geometries: use
-    :func:`threecad.annotations.raster.rle_decode` for them. The vertex and crossing caps always
+    :func:`threecad.ingest.annotations.raster.rle_decode` for them. The vertex and crossing caps always
     apply; with a ``worker`` the build also runs under its time budget (module docstring).
     """
     issues: list[tuple[str, str, str]] = []

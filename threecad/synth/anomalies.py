@@ -45,9 +45,9 @@ from PIL import Image, ImageEnhance, ImageOps
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from threecad.dataset.layout import is_image
 from threecad.errors import ThreecadError
 from threecad.io import read_image
-from threecad.layout import is_image
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from threecad.dataset.layout import GOOD, SPLITS, Sample, list_samples
 from threecad.errors import ThreecadError
 from threecad.io import image_size, sha256_file, write_bytes, write_text
-from threecad.layout import GOOD, SPLITS, Sample, list_samples
 
 MANIFEST = "manifest"  # <root>/manifest.parquet and <root>/manifest.csv
 COLUMNS = (

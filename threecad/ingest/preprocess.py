@@ -5,13 +5,13 @@ Three phases:
 1. **Plan** (main process, cheap: JSON, shapely and image *headers* only). Pair every image with
    its LabelMe JSON (same stem, else the JSON's ``imagePath``) or its COCO entry, resolve labels
    through the label map, validate and repair every annotation, choose the windows, and decide
-   with a seeded group split (:mod:`threecad.split`) which normal frames go to train. Every
+   with a seeded group split (:mod:`threecad.dataset.split`) which normal frames go to train. Every
    problem becomes a report row; a broken file never stops the run (``strict`` makes it fatal).
    Annotation files are foreign input: every name that becomes a path is checked
    (:func:`_source_names`, :mod:`threecad.paths`), every shape's work is bounded
-   (:mod:`threecad.annotations.shapes`), and every file written is proven to lie inside OUT.
+   (:mod:`threecad.ingest.annotations.shapes`), and every file written is proven to lie inside OUT.
 2. **Tile** (``workers`` processes, one task per source frame). Decode once, rasterise the
-   whole-frame masks once (pixel-centre rule, :mod:`threecad.annotations.raster`), crop image and
+   whole-frame masks once (pixel-centre rule, :mod:`threecad.ingest.annotations.raster`), crop image and
    masks per window and write PNGs atomically. A frame's record (its tiles, checksums, COCO RLEs)
    is written last, so it marks the frame as done.
 3. **Collect**: manifest (parquet + CSV), one COCO JSON per category, the problem report and a
@@ -50,7 +50,11 @@ import numpy as np
 import pandas as pd
 import shapely.affinity
 
-from threecad.annotations import (
+from threecad.dataset.layout import GOOD, IMAGE_SUFFIXES
+from threecad.dataset.manifest import COLUMNS, manifest_row, write_manifest
+from threecad.dataset.split import Group, assign_splits
+from threecad.errors import ThreecadError, shorten
+from threecad.ingest.annotations import (
     GeometryWorker,
     LabelMap,
     RawAnnotation,
@@ -60,17 +64,13 @@ from threecad.annotations import (
     read_labelme,
     rle_decode,
 )
-from threecad.annotations import shapes as S
-from threecad.annotations.labelmap import IGNORED, MAX_NAME_CHARS, UNKNOWN, folder_name_problem
-from threecad.annotations.raster import rle_counts, rle_encode, rle_size
-from threecad.errors import ThreecadError, shorten
+from threecad.ingest.annotations import shapes as S
+from threecad.ingest.annotations.labelmap import IGNORED, MAX_NAME_CHARS, UNKNOWN, folder_name_problem
+from threecad.ingest.annotations.raster import rle_counts, rle_encode, rle_size
+from threecad.ingest.tiling import check_tiling, tile_windows
 from threecad.io import image_header, image_size, read_image, save_image, write_json, write_text
-from threecad.layout import GOOD, IMAGE_SUFFIXES
-from threecad.manifest import COLUMNS, manifest_row, write_manifest
 from threecad.paths import check_component, safe_join, unsafe_reason
 from threecad.progress import progress
-from threecad.split import Group, assign_splits
-from threecad.tiling import check_tiling, tile_windows
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def _plan_source(
     """Validate one source in place: size, annotations, windows; sets ``status``.
 
     Every annotation is checked on its own (:func:`_plan_annotation`), so one hostile shape costs
-    only itself: the bounds of :mod:`threecad.annotations.shapes` (vertices, crossings, time).
+    only itself: the bounds of :mod:`threecad.ingest.annotations.shapes` (vertices, crossings, time).
     """
     ann_file = src.annotation_file or src.image
     where = f"{src.image}: " if coco_entry is not None else ""  # one COCO file holds many images

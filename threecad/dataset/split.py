@@ -22,10 +22,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from threecad.dataset.layout import GOOD, SPLITS, list_categories, list_samples
+from threecad.dataset.manifest import (
+    COLUMNS,
+    MANIFEST,
+    find_manifest,
+    manifest_row,
+    read_manifest,
+    write_manifest,
+)
 from threecad.errors import ThreecadError
 from threecad.io import check_output_dir
-from threecad.layout import GOOD, SPLITS, list_categories, list_samples
-from threecad.manifest import COLUMNS, MANIFEST, find_manifest, manifest_row, read_manifest, write_manifest
 from threecad.progress import progress
 
 log = logging.getLogger(__name__)
@@ -107,7 +114,7 @@ def _own_source(split: str, defect: str, stem: str) -> str:
 def pool_from_folder(root: str | Path) -> pd.DataFrame:
     """Every image of a dataset tree (all splits) as a manifest table; tiles are grouped by their source
     name (``<source>_<x0>_<y0>_<x1>_<y1>``, the box too). Files are not hashed (checksums left empty)."""
-    from threecad.data import read_mask  # lazy: threecad.data pulls in torch
+    from threecad.dataset.masks import read_mask  # lazy: threecad.dataset pulls in torch
 
     root = Path(root)
     rows = []
@@ -130,7 +137,7 @@ def pool_from_folder(root: str | Path) -> pd.DataFrame:
 
 def load_pool(source: str | Path) -> tuple[pd.DataFrame, Path]:
     """(pool table, folder its relative paths start from) from a manifest file, a dataset folder's
-    manifest (:func:`threecad.manifest.find_manifest`) or, without one, the folder's images.
+    manifest (:func:`threecad.dataset.manifest.find_manifest`) or, without one, the folder's images.
 
     A row without a ``source`` (a foreign table) is its own source, as in a folder pool.
     """

@@ -3,7 +3,7 @@
 Per category: image counts per split, defect types, height and width ranges, and two columns the
 official README adds: NE, the number of anomalous regions per defective image (8-connected
 components of its mask), and TE, the number of defect types per defective image (known only from
-metadata, the dataset's manifest (:mod:`threecad.manifest`): the folder layout stores one
+metadata, the dataset's manifest (:mod:`threecad.dataset.manifest`): the folder layout stores one
 type per image, so TE is left empty without it).
 
 The histograms are the defect-area ratio (mask area / image area, one value per defective image)
@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from threecad.catalog import resolve_categories
-from threecad.data import read_mask
+from threecad.dataset.catalog import resolve_categories
+from threecad.dataset.layout import Sample, list_categories, list_samples
+from threecad.dataset.manifest import image_metadata
+from threecad.dataset.masks import read_mask
 from threecad.io import image_size, write_bytes, write_json
-from threecad.layout import Sample, list_categories, list_samples
-from threecad.manifest import image_metadata
 from threecad.progress import progress
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Anomaly maps: the submission layout on disk (``files``) and shared post-processing (``postprocess``)."""

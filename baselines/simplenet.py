@@ -57,6 +57,10 @@ LAYERS = ("stride8", "stride16")
 #: The official width with WideResNet-50-2, and the width used with any narrower encoder: Lite0's
 #: neighbourhood vectors have 360 and 1008 values, so 1536 would only repeat them.
 PAPER_DIM, NARROW_DIM = 1536, 384
+#: Feature-space noise: the official 0.015 with WRN50's features; with another encoder the value
+#: chosen on magnetic-tile validation data (``docs/results/magnetic-tile.md``). Lite0's embedding has a
+#: per-dimension std of about 2, and 0.015 collapses the discriminator to D = 0.
+PAPER_NOISE, NARROW_NOISE = 0.015, 3.0
 #: Weight decay of the adaptor's AdamW (its default) and of the discriminator's Adam (official).
 ADAPTOR_WEIGHT_DECAY, DSC_WEIGHT_DECAY = 0.01, 1e-5
 
@@ -154,9 +158,11 @@ class SimpleNet(FrozenEncoderMethod):
         AdamW learning rate of the adaptor (1e-4, weight decay 0.01) and Adam learning rate of the
         discriminator (2e-4, weight decay 1e-5); constant (the official cosine schedule is off).
     noise_std, margin:
-        Standard deviation of the feature-space noise (0.015, tied to WRN50's feature scale: with
-        another encoder choose it on the validation split, ``3cad tune``; Lite0's embedding has a
-        per-dimension std of about 2) and the truncated-L1 margin (0.5).
+        Standard deviation of the feature-space noise (``None``: the official 0.015 with
+        WideResNet-50-2, whose feature scale it is tied to, and :data:`NARROW_NOISE`, chosen on
+        validation data, with another encoder; ``3cad tune`` re-chooses it on a dataset's
+        validation split) and the truncated-L1 margin (0.5). The saved configuration records the
+        value used.
     feature_dim, dsc_hidden:
         Width of the embedding and adaptor (``None``: 1536 with WideResNet-50-2, 384 with another
         encoder) and of the discriminator's hidden layer (``None``: two thirds of the width, 1024
@@ -181,7 +187,7 @@ class SimpleNet(FrozenEncoderMethod):
         "batch_size": Option(int, low=1),
         "adaptor_lr": Option(float, low=0, open_low=True),
         "dsc_lr": Option(float, low=0, open_low=True),
-        "noise_std": Option(float, low=0, open_low=True),
+        "noise_std": Option(float, low=0, open_low=True, null=True),
         "margin": Option(float, low=0, open_low=True),
         "feature_dim": Option(int, low=1, null=True),
         "dsc_hidden": Option(int, low=1, null=True),
@@ -198,7 +204,7 @@ class SimpleNet(FrozenEncoderMethod):
         batch_size: int = 8,
         adaptor_lr: float = 1e-4,
         dsc_lr: float = 2e-4,
-        noise_std: float = 0.015,
+        noise_std: float | None = None,
         margin: float = 0.5,
         feature_dim: int | None = None,
         dsc_hidden: int | None = None,
@@ -217,7 +223,7 @@ class SimpleNet(FrozenEncoderMethod):
         self.batch_size = int(batch_size)
         self.adaptor_lr = float(adaptor_lr)
         self.dsc_lr = float(dsc_lr)
-        self.noise_std = float(noise_std)
+        self.noise_std = None if noise_std is None else float(noise_std)
         self.margin = float(margin)
         self.feature_dim = feature_dim
         self.dsc_hidden = dsc_hidden
@@ -241,6 +247,12 @@ class SimpleNet(FrozenEncoderMethod):
         dim = self.feature_dim or (PAPER_DIM if encoder == PAPER_TEACHER else NARROW_DIM)
         return dim, self.dsc_hidden or round(2 * dim / 3)
 
+    def _noise(self, encoder: str) -> float:
+        """The noise level as trained: the option, or its encoder-dependent default."""
+        if self.noise_std is not None:
+            return self.noise_std
+        return PAPER_NOISE if encoder == PAPER_TEACHER else NARROW_NOISE
+
     def _build(self) -> SimpleNetNet:
         if self.net is None:
             device = self._device()
@@ -260,7 +272,8 @@ class SimpleNet(FrozenEncoderMethod):
         if self._encoder_used is None:
             return {}
         dim, hidden = self._widths(self._encoder_used)
-        return {**super().resolved_config(), "feature_dim": dim, "dsc_hidden": hidden}
+        return {**super().resolved_config(), "feature_dim": dim, "dsc_hidden": hidden,
+                "noise_std": self._noise(self._encoder_used)}
 
     # ------------------------------------------------------------------ engine hooks
     def trainable_module(self) -> SimpleNetNet:
@@ -270,7 +283,7 @@ class SimpleNet(FrozenEncoderMethod):
         return two_rule_adam(module.adaptor, module.discriminator, self.adaptor_lr, self.dsc_lr), None
 
     def training_step(self, module, batch: dict) -> dict[str, torch.Tensor]:
-        out = module(batch, noise_std=self.noise_std)
+        out = module(batch, noise_std=self._noise(self._encoder_used))
         return truncated_l1_loss(out["true"], out["fake"], self.margin)
 
     # ------------------------------------------------------------------ fit / predict
@@ -282,7 +295,7 @@ class SimpleNet(FrozenEncoderMethod):
         settings = TrainSettings(epochs=self.epochs, batch_size=self.batch_size, seed=self.seed, amp=self.amp,
                                  num_workers=self.workers)
         fingerprint = {"method": self.name, **self.resolved_config(), "adaptor_lr": self.adaptor_lr,
-                       "dsc_lr": self.dsc_lr, "noise_std": self.noise_std, "margin": self.margin,
+                       "dsc_lr": self.dsc_lr, "margin": self.margin,
                        "input_shape": list(shape)}
         log.info("simplenet: %d training images at %dx%d, %d epochs", len(train_set), shape[1], shape[0], self.epochs)
         self._fit_on_features(train_set, val_set, settings, fingerprint)

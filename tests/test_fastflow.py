@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
 from smooth_images import SmoothImages
 
 from baselines.fastflow import FastFlow, FastFlowNet, build_flow, fastflow_loss, fastflow_map
@@ -167,14 +168,18 @@ def test_loss_and_map_equal_numpy():
     assert got.max() < 0 and got.min() >= -1
 
 
-def test_predict_returns_the_map_and_its_maximum(fitted):
+def test_predict_returns_the_map_and_its_maximum(fitted, tmp_path):
     images = _images(2, seed=7)
     scores, maps = fitted.predict_batch(images)
     assert scores.shape == (2,) and maps.shape == (2, 64, 64) and maps.dtype == np.float32
     with torch.no_grad():
         out = fitted.net.eval()({"image": images})
-    np.testing.assert_allclose(maps, fastflow_map(out["z"], (64, 64)).numpy(), rtol=1e-6)  # no smoothing
+    raw = fastflow_map(out["z"], (64, 64)).numpy()
+    smoothed = np.stack([gaussian_filter(m.astype(np.float64), sigma=4.0, mode="reflect") for m in raw])
+    np.testing.assert_allclose(maps, smoothed, rtol=1e-5, atol=1e-6)  # the default sigma 4 (validated)
     np.testing.assert_allclose(scores, maps.reshape(2, -1).max(1))
+    unsmoothed = load_method(fitted.save(tmp_path / "run"), sigma=0.0).predict_batch(images)[1]
+    np.testing.assert_allclose(unsmoothed, raw, rtol=1e-6)  # sigma=0: anomalib's map
     with pytest.raises(ThreecadError, match="trained at 64x64"):
         fitted.predict_batch(_images(1, seed=1)[:, :, :32, :32])
 
@@ -287,8 +292,8 @@ def test_options_are_declared_and_checked():
     assert {k for k, o in FastFlow.options().items() if o.predict} == {"sigma", "device"}
     d = FastFlow.defaults()
     assert (d["epochs"], d["batch_size"], d["lr"], d["weight_decay"], d["flow_steps"], d["hidden_ratio"],
-            d["conv3x3_only"], d["clamp"], d["encoder"], d["sigma"]) == (20, 32, 1e-3, 1e-5, 8, 1.0, False, 2.0,
-                                                                        "resnet18", 0.0)
+            d["conv3x3_only"], d["clamp"], d["encoder"], d["sigma"]) == (20, 32, 1e-3, 1e-5, 8, 1.0, True, 2.0,
+                                                                        "resnet18", 4.0)  # validated
     for bad in ({"flow_steps": 0}, {"hidden_ratio": 0.0}, {"clamp": 0.0}, {"lr": 0.0}, {"weight_decay": -1e-5},
                 {"sigma": -1.0}, {"cache_gb": -1.0}, {"epochs": 0}, {"conv3x3_only": "yes"}, {"feature_cache": 1}):
         with pytest.raises(ThreecadError, match=next(iter(bad))):

@@ -740,3 +740,13 @@ def test_a_saved_run_with_a_removed_option_or_without_its_inputs_is_refused(fake
     config_file.write_text(json.dumps({**saved, "config": config}))
     with pytest.raises(ThreecadError, match="does not record exposure"):
         load_method(tmp_path / "run")
+
+
+def test_each_method_recommends_its_validated_input_settings():
+    """Input defaults come from each method's validation (docs/results/): a method built without
+    them, the runner and `3cad train` all get them."""
+    expected = {"patchcore": "mean", "padim": "mean", "cfrg": "mean", "rd": "raw", "rdpp": "raw"}
+    for name, exposure in expected.items():
+        assert build(name).exposure == exposure, name
+        assert get_method(name).input_defaults()["exposure"] == exposure
+    assert build("patchcore", exposure="raw").exposure == "raw"  # an explicit value wins

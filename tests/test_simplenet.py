@@ -22,6 +22,8 @@ from test_fastflow import LITE, killed_and_resumed
 
 from baselines.simplenet import (
     LAYERS,
+    NARROW_NOISE,
+    PAPER_NOISE,
     SimpleNet,
     SimpleNetNet,
     local_embedding,
@@ -200,7 +202,7 @@ def test_options_are_declared_and_checked():
     assert {k for k, o in SimpleNet.options().items() if o.predict} == {"sigma", "device"}
     d = SimpleNet.defaults()
     assert (d["epochs"], d["batch_size"], d["adaptor_lr"], d["dsc_lr"], d["noise_std"], d["margin"], d["sigma"],
-            d["encoder"], d["seed"]) == (160, 8, 1e-4, 2e-4, 0.015, 0.5, 4.0, "wide_resnet50_2", 0)
+            d["encoder"], d["seed"]) == (160, 8, 1e-4, 2e-4, None, 0.5, 4.0, "wide_resnet50_2", 0)
     for bad in ({"noise_std": 0.0}, {"margin": -0.5}, {"feature_dim": 0}, {"dsc_hidden": 0}, {"adaptor_lr": 0.0},
                 {"dsc_lr": -1.0}, {"sigma": -1.0}, {"batch_size": 0}, {"cache_gb": -2.0}, {"amp": "no"}):
         with pytest.raises(ThreecadError, match=next(iter(bad))):
@@ -212,9 +214,11 @@ def test_options_are_declared_and_checked():
 
 def test_save_load_round_trip_records_encoder_and_widths(fitted, tmp_path):
     assert fitted.encoder == "wide_resnet50_2" and fitted.feature_dim is None  # options never rewritten ...
+    assert fitted.noise_std is None
     run = fitted.save(tmp_path / "run")
     config = json.loads((run / CONFIG_FILE).read_text())["config"]
     assert (config["encoder"], config["feature_dim"], config["dsc_hidden"]) == ("efficientnet_lite0", 384, 256)
+    assert config["noise_std"] == NARROW_NOISE != PAPER_NOISE == 0.015  # ... the values used are recorded
     loaded = load_method(run)
     images = _images(3, seed=11)
     for a, b in zip(fitted.predict_batch(images), loaded.predict_batch(images)):

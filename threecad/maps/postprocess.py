@@ -11,8 +11,10 @@ chosen over ``"mirror"`` (``d c b | a b c d | c b a``, which PatchCore and PaDiM
 because it is the reference code's: RD/CFRG numbers are reproduced to float rounding. The two
 modes differ only within ``radius`` pixels of the border, by a small fraction of the local map
 range (measured in ``docs/methods.md``). The extension is periodic with period ``2 n``, so maps
-smaller than the kernel are handled exactly as scipy handles them. The arithmetic is float64 (as
-scipy's; float32 on Apple's MPS, which has no float64) and the result float32.
+smaller than the kernel are handled exactly as scipy handles them. The arithmetic is float32: 3.6x
+faster than float64 on a CPU core (4.9 against 17.6 ms per 256 x 256 map, one thread), and within
+3e-7 of scipy's float64 result on maps in [0, 1] (tested to 1e-6), far below any score difference
+that changes a ranking.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0)
         return maps.float()
     if maps.ndim != 3:
         raise ValueError(f"gaussian_blur takes (B, H, W) maps, got shape {tuple(maps.shape)}")
-    dtype = torch.float32 if maps.device.type == "mps" else torch.float64
+    dtype = torch.float32
     kernel = gaussian_kernel1d(sigma, truncate, dtype).to(maps.device)
     radius = kernel.numel() // 2
     x = maps[:, None].to(dtype)

@@ -39,7 +39,7 @@ from threecad.errors import ThreecadError
 from threecad.io import check_output_dir, image_size, staged_dir, write_json
 from threecad.methods.batching import iter_batches
 from threecad.methods.inputs import native_size_maps
-from threecad.methods.method import INPUT_OPTIONS, RUN_FILE, Method
+from threecad.methods.method import INPUT_OPTIONS, Method
 from threecad.methods.registry import get_method, load_method
 from threecad.methods.runner import (
     _effective_seed,
@@ -195,5 +195,4 @@ def _tune_category(method: str, dataset: Path, category: str, base: dict[str, An
     save_run(run_dir, chosen, {**record, "tuning": {"chosen": settings, "criterion": value}})
     write_json(run_dir / TUNING_FILE, tuning)
     _move_work_files(work, run_dir)  # the chosen fit's training log, as `3cad train` keeps it
-    log.info("%s: chose %s (%.4f) of %d candidates -> %s", category, _label(settings), value, len(results),
-             run_dir / RUN_FILE)
+    log.info("%s: chose %s (%.4f) of %d candidates", category, _label(settings), value, len(results))

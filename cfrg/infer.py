@@ -17,17 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cfrg.model import channel_cosine
 from threecad.errors import ThreecadError
 from threecad.maps.postprocess import gaussian_blur, top_fraction_mean
+from threecad.methods.blocks import cosine_distance_map
 
 TERMS = ("recovery", "segmentation", "distillation")
 OFFICIAL_TERMS = ("recovery", "segmentation")
-
-
-def _level_sum(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
-    return sum(F.interpolate(1 - channel_cosine(x.float(), y.float()), size=size, mode="bilinear",
-                             align_corners=True) for x, y in zip(a, b))
 
 
 def raw_map(outputs: dict, size: tuple[int, int], terms: Sequence[str] = OFFICIAL_TERMS) -> torch.Tensor:
@@ -37,9 +32,9 @@ def raw_map(outputs: dict, size: tuple[int, int], terms: Sequence[str] = OFFICIA
         raise ThreecadError(f"unknown anomaly-map term(s) {unknown or terms}; choose from {', '.join(TERMS)}")
     total = 0
     if "recovery" in terms:
-        total = total + _level_sum(outputs["teacher"], outputs["recovery"], size)
+        total = total + cosine_distance_map(outputs["teacher"], outputs["recovery"], size)[:, None]
     if "distillation" in terms:
-        total = total + _level_sum(outputs["teacher"], outputs["student"], size)
+        total = total + cosine_distance_map(outputs["teacher"], outputs["student"], size)[:, None]
     if "segmentation" in terms:
         seg = torch.sigmoid(outputs["logits"].float())
         if seg.shape[-2:] != tuple(size):

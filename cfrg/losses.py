@@ -3,7 +3,7 @@
 * ``distillation_loss`` (L_dis): per level, the per-pixel distance ``1 - cos(T, S)`` upsampled
   (bilinear, ``align_corners=False``) to the mask grid; normal pixels pull the distance to 0,
   synthetic-anomaly pixels push it to 2 (cosine to -1); mean over pixels, mean over levels.
-* ``recovery_loss`` (L_rec): per level and sample, ``1 - cos`` between the *flattened* clean-image
+* L_rec (:func:`threecad.methods.blocks.flattened_cosine_loss`, shared with RD): per level and sample, ``1 - cos`` between the *flattened* clean-image
   teacher features and the recovery features; mean over the batch, **sum** over levels.
 * ``segmentation_loss`` (L_seg): binary cross-entropy on the logits against the full-size mask.
 """
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cfrg.model import channel_cosine
+from threecad.methods.blocks import flattened_cosine_loss
 
 
 def distillation_loss(
@@ -29,13 +30,6 @@ def distillation_loss(
     return torch.stack(terms).mean()
 
 
-def recovery_loss(teacher_clean: Sequence[torch.Tensor], recovery: Sequence[torch.Tensor]) -> torch.Tensor:
-    total = teacher_clean[0].new_zeros(())
-    for t, r in zip(teacher_clean, recovery):
-        total = total + (1 - F.cosine_similarity(t.flatten(1), r.flatten(1), dim=1)).mean()
-    return total
-
-
 def segmentation_loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, mask)
 
@@ -44,7 +38,7 @@ def cfrg_losses(outputs: dict, mask: torch.Tensor, weights: Sequence[float] = (1
     """``{"loss", "dis", "rec", "seg"}`` from :class:`cfrg.model.CFRGNet` training outputs (float32 maths)."""
     mask = mask.float()
     dis = distillation_loss([t.float() for t in outputs["teacher"]], [s.float() for s in outputs["student"]], mask)
-    rec = recovery_loss([t.float() for t in outputs["teacher_clean"]], [r.float() for r in outputs["recovery"]])
+    rec = flattened_cosine_loss(outputs["teacher_clean"], outputs["recovery"])
     seg = segmentation_loss(outputs["logits"].float(), mask)
     w_dis, w_rec, w_seg = weights
     return {"loss": w_dis * dis + w_rec * rec + w_seg * seg, "dis": dis, "rec": rec, "seg": seg}

@@ -196,7 +196,7 @@ class SimpleNet(FrozenEncoderMethod):
     }
     #: ``3cad tune``: the official noise level is tied to WRN50's feature scale; Lite0's embedding has a
     #: per-dimension std of about 2 and needs a far larger one (0.015 collapses to D = 0 in short runs).
-    TUNE_GRID = {"noise_std": (0.015, 0.1, 0.3, 1.0)}
+    TUNE_GRID = {"noise_std": (0.015, 0.3, 1.0, 3.0)}
 
     def __init__(
         self,

@@ -296,19 +296,24 @@ def data_stats(root, out, json_out, categories, metadata) -> None:
 
 
 # --------------------------------------------------------------------------- train / predict / evaluate
-def _parse_set(pairs: tuple[str, ...]) -> dict:
-    """``KEY=VALUE`` pairs; values are read as JSON when they parse (numbers, true, null, lists), else text."""
+def _parse_value(text: str):
+    """An option value: JSON when it parses (numbers, true, null, lists), else the text itself."""
     import json
 
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _parse_set(pairs: tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` pairs, values read by :func:`_parse_value`."""
     config = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--set")
-        try:
-            config[key.strip()] = json.loads(value)
-        except ValueError:
-            config[key.strip()] = value
+        config[key.strip()] = _parse_value(value)
     return config
 
 
@@ -383,7 +388,7 @@ def _parse_grid(pairs: tuple[str, ...]) -> dict:
         key, sep, values = pair.partition("=")
         if not sep or not key or not values:
             raise click.BadParameter(f"{pair!r} is not KEY=VALUE,VALUE,...", param_hint="--grid")
-        grid[key.strip()] = [_parse_set((f"v={v}",))["v"] for v in values.split(",")]
+        grid[key.strip()] = [_parse_value(v) for v in values.split(",")]
     return grid
 
 
@@ -409,9 +414,9 @@ def tune_command(method, dataset, categories, out, overwrite, device, seed, grid
     runs = tune(method, dataset, _names(categories), out=out, grid=_parse_grid(grid_pairs) if grid_pairs else None,
                 device=device, seed=seed, config=_parse_set(settings), overwrite=overwrite,
                 kinds=tuple(k.strip() for k in kinds.split(",")) if kinds else KINDS)
-    for run in runs:
-        import json
+    import json
 
+    for run in runs:
         chosen = json.loads((run / TUNING_FILE).read_text())["chosen"]
         click.echo(f"wrote {run}: {', '.join(f'{k}={v}' for k, v in chosen.items()) or 'defaults'}")
 

@@ -171,9 +171,10 @@ class _MethodType(abc.ABCMeta):
         inputs = {key: kwargs.pop(key) for key in list(kwargs) if key in INPUT_OPTIONS and key not in own}
         cls._check_arguments(args, kwargs, inputs)
         method = cls.__new__(cls)
+        defaults = cls.input_defaults()
         for key in INPUT_OPTIONS:
             if key not in own:
-                setattr(method, key, inputs.get(key, cls.input_defaults()[key]))
+                setattr(method, key, inputs.get(key, defaults[key]))
         method.__init__(*args, **kwargs)
         return method
 

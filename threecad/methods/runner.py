@@ -126,6 +126,23 @@ def _effective_seed(method: str, options: dict[str, Any], seed: int | None) -> i
     return int(default.default) if default is not None and isinstance(default.default, int) else 0
 
 
+def prepare_run(method: str, dataset: Path, categories: Sequence[str] | str | None, out: Path, overwrite: bool,
+                device: str, seed: int | None, config: dict[str, Any] | None,
+                inputs: dict[str, Any] | None = None) -> tuple[list[str], dict[str, Any], int]:
+    """What :func:`train` and :func:`threecad.methods.tuning.tune` check before any work: the
+    categories, the output folder (refused when non-empty without ``overwrite``, or holding the
+    dataset), the device, and the method's options with device, seed and input options merged in
+    and built once. Returns ``(categories, options, seed)``."""
+    cats = resolve_categories(list_categories(dataset), categories, dataset)
+    check_output_dir(out, overwrite)
+    _refuse_inputs_inside(out, {"dataset": dataset})
+    resolve_device(device)  # a missing GPU is reported before any work
+    options = _input_options(method, _method_config(method, config, device, seed), inputs or {})
+    seed = _effective_seed(method, options, seed)
+    build(method, **options)  # unknown or out-of-range options fail here, before any category is trained
+    return cats, options, seed
+
+
 def train(
     method: str,
     dataset: str | Path,
@@ -156,15 +173,9 @@ def train(
     dataset = Path(dataset)
     if exposure is not None:
         check_exposure(exposure)
-    cats = resolve_categories(list_categories(dataset), categories, dataset)
     out = Path(out) if out is not None else Path("runs") / method
-    check_output_dir(out, overwrite)
-    _refuse_inputs_inside(out, {"dataset": dataset})
-    resolve_device(device)  # a missing GPU is reported before any work
-    options = _input_options(method, _method_config(method, config, device, seed),
-                             {"size": size, "resize": resize, "exposure": exposure})
-    seed = _effective_seed(method, options, seed)
-    build(method, **options)  # unknown or out-of-range options fail here, before any category is trained
+    cats, options, seed = prepare_run(method, dataset, categories, out, overwrite, device, seed, config,
+                                      {"size": size, "resize": resize, "exposure": exposure})
     checkpoints = _checkpoint_dir(out)
     if not _is_main_process():  # torchrun: this rank takes part in every fit; rank 0 writes
         _train_categories(method, dataset, cats, options, seed, None, checkpoints, validation, device)

@@ -31,27 +31,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from threecad.dataset.catalog import resolve_categories
-from threecad.dataset.layout import list_categories, list_samples
+from threecad.dataset.layout import list_samples
 from threecad.dataset.loaders import AnomalyDataset
 from threecad.dataset.masks import read_mask
 from threecad.errors import ThreecadError
-from threecad.io import check_output_dir, image_size, staged_dir, write_json
+from threecad.io import image_size, staged_dir, write_json
 from threecad.methods.batching import iter_batches
 from threecad.methods.inputs import native_size_maps
 from threecad.methods.method import INPUT_OPTIONS, Method
 from threecad.methods.registry import get_method, load_method
-from threecad.methods.runner import (
-    _effective_seed,
-    _input_options,
-    _method_config,
-    _move_work_files,
-    _refuse_inputs_inside,
-    fit_category,
-    save_run,
-)
+from threecad.methods.runner import _move_work_files, fit_category, prepare_run, save_run
 from threecad.metrics import Evaluator
-from threecad.synth.validation import KINDS, make_validation_set
+from threecad.synth.validation import KINDS, check_kinds, make_validation_set
 
 log = logging.getLogger(__name__)
 
@@ -136,22 +127,19 @@ def tune(
     validation set. ``out`` (default ``runs/<method>-tuned``) is written like :func:`train`'s.
     """
     dataset = Path(dataset)
-    cats = resolve_categories(list_categories(dataset), categories, dataset)
+    check_kinds(kinds)
+    out = Path(out) if out is not None else Path("runs") / f"{method}-tuned"
+    config = dict(config or {})
+    cats, base, seed = prepare_run(method, dataset, categories, out, overwrite, device, seed, config)
     missing = [c for c in cats if not list_samples(dataset, c, "validation")]
     if missing:
         raise ThreecadError(f"tune needs validation/good images, and {', '.join(missing)} has none: make them with "
                             "`3cad data import-folder ... --validation-fraction 0.15` or `3cad data split "
                             "--val-fraction 0.15`", dataset)
-    config = dict(config or {})
     grid = {k: list(v) for k, v in (declared_grid(method) if grid is None else grid).items() if k not in config}
     fit_grid, predict_grid = candidates(method, grid)
-    out = Path(out) if out is not None else Path("runs") / f"{method}-tuned"
-    check_output_dir(out, overwrite)
-    _refuse_inputs_inside(out, {"dataset": dataset})
-    base = _method_config(method, config, device, seed)
-    seed = _effective_seed(method, base, seed)
     for fit_settings in fit_grid:  # every combination is built once before any work
-        get_method(method)(**_input_options(method, {**base, **fit_settings}, {}))
+        get_method(method)(**{**base, **fit_settings})
     log.info("tune %s: %d fit(s) x %d scoring(s) per category, criterion mean of %s", method, len(fit_grid),
              len(predict_grid), "+".join(CRITERION))
     with staged_dir(out) as stage:
@@ -170,7 +158,7 @@ def _tune_category(method: str, dataset: Path, category: str, base: dict[str, An
     val_root = make_validation_set(dataset, category, scratch / "validation" / category, seed=seed, kinds=kinds)
     results, best = [], None
     for i, fit_settings in enumerate(fit_grid):
-        options = _input_options(method, {**base, **fit_settings}, {})
+        options = {**base, **fit_settings}
         work = scratch / "work" / category / str(i)
         model, record = fit_category(method, dataset, category, options, seed, work, device=device)
         fitted = save_run(scratch / "fits" / category / str(i), model, record)

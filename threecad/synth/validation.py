@@ -51,6 +51,13 @@ def _painted(image: np.ndarray, rng: np.random.Generator, max_defects: int) -> t
     return to_uint8(painted), union
 
 
+def check_kinds(kinds: tuple[str, ...]) -> None:
+    """A one-line error unless ``kinds`` is a non-empty selection of :data:`KINDS`."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ThreecadError(f"unknown validation anomaly kind(s) {unknown or list(kinds)}; choose from {', '.join(KINDS)}")
+
+
 def make_validation_set(
     dataset: str | Path,
     category: str,
@@ -66,9 +73,7 @@ def make_validation_set(
     adding a kind leaves the others unchanged. Painted defect sizes scale with ``min(h, w) / 256``.
     Textures come from the category's training images (native size) and procedural patterns.
     """
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown or not kinds:
-        raise ThreecadError(f"unknown validation anomaly kind(s) {unknown or list(kinds)}; choose from {', '.join(KINDS)}")
+    check_kinds(kinds)
     samples = list_samples(dataset, category, "validation")
     if not samples:
         raise ThreecadError(f"no validation/good images for category {category!r}; import with a "

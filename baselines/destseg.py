@@ -423,8 +423,6 @@ class DeSTSeg(Method):
                 self.net = DeSTSegNet(teacher, self.seg_width)
             device = self._device()
             self.net.to(device)
-            if device.type != "cpu":  # the extractor cuts CPU batches into pieces of 4; a GPU takes them whole
-                self.net.teacher.extractor.micro_batch = None
             log.info("destseg: teacher %s (taps %s), student %.2f M, segmentation %.2f M parameters", teacher.name,
                      teacher.channels, sum(p.numel() for p in self.net.student.parameters()) / 1e6,
                      sum(p.numel() for p in self.net.segmentation.parameters()) / 1e6)

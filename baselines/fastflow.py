@@ -237,8 +237,6 @@ class FastFlow(FrozenEncoderMethod):
         with seeded(self.seed):
             teacher = build_teacher(self.encoder, self.encoder_weights, layers=TEACHER_LAYERS)
             teacher.to(device)
-            if device.type != "cpu":  # the extractor cuts CPU batches into pieces of 4; a GPU takes them whole
-                teacher.extractor.micro_batch = None
             self._encoder_used = teacher.name
             self.net = FastFlowNet(teacher, shape, self.flow_steps, self.hidden_ratio, self.conv3x3_only,
                                    self.clamp).to(device)

@@ -388,8 +388,6 @@ class RD(Method):
                 self.net = RDNet(teacher, projection=self.projections, bottleneck=self.bottleneck)
             device = self._device()
             self.net.to(device)
-            if device.type != "cpu":  # the extractor cuts CPU batches into pieces of 4; a GPU takes them whole
-                self.net.teacher.extractor.micro_batch = None
             log.info("%s: encoder %s (taps %s), %.2f M trainable parameters", self.name, teacher.name,
                      teacher.channels, sum(p.numel() for p in self.net.parameters() if p.requires_grad) / 1e6)
         return self.net

@@ -261,8 +261,6 @@ class SimpleNet(FrozenEncoderMethod):
                 teacher = build_teacher(self.encoder, self.encoder_weights, layers=LAYERS)
                 self._encoder_used = teacher.name
                 self.net = SimpleNetNet(teacher, *self._widths(teacher.name)).to(device)
-            if device.type != "cpu":  # the extractor cuts CPU batches into pieces of 4; a GPU takes them whole
-                teacher.extractor.micro_batch = None
             log.info("simplenet: encoder %s (taps %s), width %d, %.2f M trainable parameters", teacher.name,
                      teacher.channels, self.net.feature_dim, count_parameters(self.net) / 1e6)
         return self.net

@@ -431,6 +431,12 @@ def test_micro_batches_and_channels_last_do_not_change_features(lite0_extractor)
     torch.testing.assert_close(pieces["stride8"], h, rtol=1e-4, atol=1e-4)
     with pytest.raises(ThreecadError, match="micro_batch"):
         FeatureExtractor("resnet18", layers=("layer1",), weights="random", micro_batch=0)
+    # "auto" follows the extractor to its device: built on the CPU, moved elsewhere, whole batches
+    moved = FeatureExtractor("resnet18", layers=("layer1",), weights="random", device="cpu")
+    assert moved.micro_batch == 4
+    assert moved.to("meta").micro_batch is None
+    assert FeatureExtractor("resnet18", layers=("layer1",), weights="random", device="cpu",
+                            micro_batch=2).to("meta").micro_batch == 2  # an explicit size stays
 
 
 def test_weights_status_reports_found_missing_and_corrupt(hub_dir):

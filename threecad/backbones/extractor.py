@@ -99,11 +99,9 @@ class FeatureExtractor(BackboneTaps):
         for p in self.body.parameters():
             p.requires_grad_(False)
         self.dtype = dtype
-        if micro_batch == "auto":
-            micro_batch = 4 if target.type == "cpu" else None
-        if micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
+        if micro_batch != "auto" and micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
             raise ThreecadError(f"micro_batch must be a positive integer, None or 'auto', got {micro_batch!r}")
-        self.micro_batch = micro_batch
+        self._micro_batch = micro_batch
         self.body.to(target, memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(spec.mean, device=target).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std, device=target).view(1, 3, 1, 1), persistent=False)
@@ -112,6 +110,15 @@ class FeatureExtractor(BackboneTaps):
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Always stays in eval mode: BN statistics and dropout of a frozen backbone never change."""
         return super().train(False)
+
+    @property
+    def micro_batch(self) -> int | None:
+        """Piece size of a batch: ``"auto"`` is 4 while the weights are on the CPU and whole batches
+        (``None``) on any other device, decided where the extractor is now (it follows ``.to()``),
+        so a network built on the CPU and moved to a GPU takes whole batches there."""
+        if self._micro_batch == "auto":
+            return 4 if self.device.type == "cpu" else None
+        return self._micro_batch
 
     @property
     def device(self) -> torch.device:

@@ -10,9 +10,6 @@ kill test: ``python tests/test_destseg.py kill OUT`` (with the repository on PYT
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from killing import kill_when_paused, subprocess_env
 from smooth_images import SmoothImages
 from test_draem import _checker_textures, assert_segments_defects
 
@@ -40,7 +38,6 @@ from threecad.methods import CONFIG_FILE, available, build, check_overrides, loa
 from threecad.methods.blocks import Teacher, count_parameters
 from threecad.methods.training import CHECKPOINT_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
 LITE = "efficientnet_lite0"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -217,24 +214,8 @@ def _kill_worker(out: Path) -> None:
 
 
 def test_resume_across_the_phase_boundary_after_a_kill(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", THREECAD_OFFLINE="1")
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.Popen([sys.executable, __file__, "kill", str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    killed = False
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "paused").exists():
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "the worker never reached its pause"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        killed = True
-    finally:
-        if not killed:
-            proc.kill()
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_paused([sys.executable, __file__, "kill", str(tmp_path)], tmp_path / "paused",
+                     subprocess_env(THREECAD_OFFLINE="1"))
     work = tmp_path / "work"
     assert torch.load(work / "student" / CHECKPOINT_FILE, weights_only=True)["iteration"] == 4  # phase 1 done
     assert torch.load(work / "segmentation" / CHECKPOINT_FILE, weights_only=True)["iteration"] == 4

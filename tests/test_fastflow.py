@@ -13,9 +13,6 @@ This file is also the worker of the kill test: ``python tests/test_fastflow.py k
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from killing import kill_when_paused, subprocess_env
 from scipy.ndimage import gaussian_filter
 from smooth_images import SmoothImages
 
@@ -33,7 +31,6 @@ from threecad.methods import CONFIG_FILE, build, check_overrides, load_method
 from threecad.methods.blocks import Teacher, count_parameters
 from threecad.methods.training import CHECKPOINT_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
 LITE = {"encoder": "efficientnet_lite0", "device": "cpu"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -248,24 +245,8 @@ def killed_and_resumed(name: str, config: dict, tmp_path: Path):
     full = build(name, **config)
     full.work_dir = tmp_path / "full"
     full.fit(SmoothImages(8))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.Popen([sys.executable, __file__, "kill", str(tmp_path), name, json.dumps(config)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    killed = False
-    try:
-        deadline = time.monotonic() + 120
-        while not (tmp_path / "paused").exists():
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "the worker never reached its pause"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-        killed = True
-    finally:
-        if not killed:
-            proc.kill()
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_paused([sys.executable, __file__, "kill", str(tmp_path), name, json.dumps(config)],
+                     tmp_path / "paused", subprocess_env())
     state = torch.load(tmp_path / "run" / CHECKPOINT_FILE, weights_only=True)
     assert state["epoch"] == 1 and state["fingerprint"]["features"] == "cached"
     resumed = build(name, resume=True, **config)

@@ -9,7 +9,6 @@ encoder on 64-px images.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from killing import subprocess_env
 from scipy.ndimage import gaussian_filter
 from smooth_images import SmoothImages
 
@@ -383,8 +383,7 @@ def test_torchrun_cli_train_and_predict_write_once_from_rank_0(synth_root, tmp_p
 
     category = list_categories(synth_root)[0]
     cli_file = Path(__file__).resolve().parents[1] / "cli.py"
-    env = dict(os.environ, PYTHONPATH=str(cli_file.parent), OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
+    env = subprocess_env()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--",
                 str(cli_file)]  # "--": torchrun would take `--run` for its own `--run-path`
     train = ["train", "--method", "rd", "--dataset", str(synth_root), "--category", category, "--out",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from killing import kill_when_paused, subprocess_env
 
 from threecad.errors import ThreecadError
 from threecad.methods import training
@@ -33,8 +33,6 @@ from threecad.methods.training import (
     fit,
     shard_batches,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class Points(torch.utils.data.Dataset):
@@ -109,12 +107,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _subprocess_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 # ------------------------------------------------------------------------------------------ basics
@@ -208,22 +200,8 @@ def _kill_worker(out: Path) -> None:
 
 
 def test_resume_after_a_real_subprocess_is_killed_mid_run(tmp_path):
-    proc = subprocess.Popen([sys.executable, __file__, "kill", str(tmp_path)], env=_subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    killed = False
-    try:
-        deadline = time.monotonic() + 60
-        while not (tmp_path / "paused").exists():
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "the worker never reached its pause"
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-        killed = True
-    finally:
-        if not killed:  # an assertion above failed: leave no worker behind
-            proc.kill()
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    kill_when_paused([sys.executable, __file__, "kill", str(tmp_path)], tmp_path / "paused", subprocess_env(),
+                     timeout=60)
     run = tmp_path / "run"
     assert len((run / LOG_FILE).read_text().splitlines()) == 2  # two epochs were checkpointed
     assert not [p for p in run.iterdir() if p.name not in (CHECKPOINT_FILE, LOG_FILE)]  # no temp file left
@@ -365,7 +343,7 @@ def _ddp_worker(out: Path) -> None:
 def test_torchrun_two_processes_gloo_equals_one_process(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                __file__, "ddp", str(tmp_path)]
-    done = subprocess.run(command, env=_subprocess_env(), capture_output=True, text=True, timeout=180)
+    done = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"result{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world"] == 2

@@ -344,14 +344,29 @@ def backbones_command() -> None:
         click.echo(f"{row['backbone']:20s} {row['status']:12s} {where}")
 
 
+def _fit_options(default_out: str):
+    """The options `train` and `tune` share: what to fit on which data, and where the runs go."""
+    options = [
+        click.option("--method", required=True, help="Method name (see `3cad methods`)."),
+        click.option("--dataset", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False)),
+        click.option("--category", "categories", multiple=True, required=True,
+                     help="Category folder, 3CAD code (AI) or alias (repeat, or comma-separated), or `all`."),
+        click.option("--out", type=click.Path(path_type=Path), default=None, help=f"Run folder [{default_out}]."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace a non-empty OUT (only once the whole run has succeeded)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    ]
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
+
+
 @cli.command("train")
-@click.option("--method", required=True, help="Method name (see `3cad methods`).")
-@click.option("--dataset", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--category", "categories", multiple=True, required=True,
-              help="Category folder, 3CAD code (AI) or alias (repeat, or comma-separated), or `all`.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [runs/<method>].")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the whole run has succeeded).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@_fit_options("runs/<method>")
 @click.option("--size", type=int, default=None, help="Image side fed to the model [256]; saved with the method.")
 @click.option("--resize", type=click.Choice(["squash", "aspect"]), default=None, help="[squash]; saved with the method.")
 @click.option("--exposure", type=click.Choice(["raw", "mean"]), default=None,
@@ -393,13 +408,7 @@ def _parse_grid(pairs: tuple[str, ...]) -> dict:
 
 
 @cli.command("tune")
-@click.option("--method", required=True, help="Method name (see `3cad methods`).")
-@click.option("--dataset", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--category", "categories", multiple=True, required=True,
-              help="Category folder, 3CAD code or alias (repeat, or comma-separated), or `all`.")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Run folder [runs/<method>-tuned].")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT (only once the whole run has succeeded).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@_fit_options("runs/<method>-tuned")
 @click.option("--seed", type=int, default=None, help="Random seed [the method's default].")
 @click.option("--grid", "grid_pairs", multiple=True, metavar="KEY=V1,V2",
               help="Candidate values of an option, replacing the method's declared grid (repeatable).")

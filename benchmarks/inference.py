@@ -99,6 +99,9 @@ def main() -> None:
                         help="FastFlow on ResNet-18 and SimpleNet on WideResNet-50-2 (random weights)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     args = parser.parse_args()
+    unknown = sorted(set(args.methods or ()) - set(available()))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(available())}")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}")

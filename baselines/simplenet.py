@@ -72,16 +72,41 @@ def _pool_last(x: torch.Tensor, width: int) -> torch.Tensor:
     return F.adaptive_avg_pool1d(x.reshape(-1, 1, shape[-1]), width).view(*shape[:-1], width)
 
 
+def _row_means(f: torch.Tensor) -> torch.Tensor:
+    """``(B, 3 C, h, w)``: for each channel the means of the three rows of each zero-padded 3x3
+    neighbourhood, in the unfolded vector's order (channel, then row)."""
+    b, c, h, w = f.shape
+    padded = F.pad(f, (1, 1, 1, 1))
+    across = (padded[..., :-2] + padded[..., 1:-1] + padded[..., 2:]) / 3  # (B, C, h + 2, w)
+    return torch.stack([across[:, :, ky:ky + h] for ky in range(3)], dim=2).view(b, 3 * c, h, w)
+
+
+def _pooled_neighbourhoods(f: torch.Tensor, width: int) -> torch.Tensor:
+    """``(B, width, h, w)``: each 3x3 neighbourhood vector (``C * 9`` values) adaptive-average-pooled
+    to ``width``.
+
+    The pooling is linear with fixed weights, so the 9x unfolded tensor (memory-bound copies that
+    cost as much as the matmuls of the head with WRN50) is only needed when the pooling bins do not
+    line up with the rows of the neighbourhoods. When ``3 C`` is a multiple of ``width`` each bin
+    averages ``3 C / width`` whole rows of three taps (WRN50: layer 2 one row, layer 3 two rows), so
+    the rows' means, pooled over channels, are the same numbers.
+    """
+    b, c, h, w = f.shape
+    if (3 * c) % width == 0:
+        rows = _row_means(f)
+        return rows if 3 * c == width else rows.view(b, width, 3 * c // width, h, w).mean(dim=2)
+    neighbourhoods = F.unfold(f, kernel_size=3, padding=1)  # (B, C * 9, h * w)
+    vectors = _pool_last(neighbourhoods.transpose(1, 2), width)  # (B, h * w, width)
+    return vectors.transpose(1, 2).reshape(b, width, h, w)
+
+
 def local_embedding(features: Sequence[torch.Tensor], width: int) -> torch.Tensor:
     """``(B, h, w, width)`` patch features on the first level's grid (see the module docstring)."""
-    pooled = []
-    for f in features:
-        b, c, h, w = f.shape
-        neighbourhoods = F.unfold(f.float(), kernel_size=3, padding=1)  # (B, C * 9, h * w)
-        vectors = _pool_last(neighbourhoods.transpose(1, 2), width)  # (B, h * w, width)
-        pooled.append(vectors.transpose(1, 2).reshape(b, width, h, w))
+    pooled = [_pooled_neighbourhoods(f.float(), width) for f in features]
     fused = combine_stages(pooled, kernel=1)  # resized to the first grid and concatenated
-    return _pool_last(fused.permute(0, 2, 3, 1), width)
+    b, _, h, w = fused.shape
+    # len(features) * width values pooled to width: each bin is the mean of len(features) neighbours
+    return fused.view(b, width, len(features), h, w).mean(dim=2).permute(0, 2, 3, 1)
 
 
 def truncated_l1_loss(true_scores: torch.Tensor, fake_scores: torch.Tensor,

@@ -95,7 +95,9 @@ def _neighbourhoods(f: np.ndarray) -> np.ndarray:
     return np.stack([[padded[:, y:y + 3, x:x + 3].reshape(-1) for x in range(w)] for y in range(h)])
 
 
-@pytest.mark.parametrize("width", [12, 8])  # 12: whole windows of 3 on level 1 (as 4608 -> 1536); 8: uneven
+# 12: bins of one row on level 1 (WRN50 layer 2: 4608 -> 1536), the unfolded path on level 2; 6: bins of
+# two rows and of three rows (layer 3: 9216 -> 1536), both on the row-means path; 8: uneven bins, unfolded.
+@pytest.mark.parametrize("width", [12, 6, 8])
 def test_local_embedding_equals_the_official_order_brute_force(width):
     g = torch.Generator().manual_seed(0)
     fine, coarse = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 6, 3, 3, generator=g)

@@ -450,6 +450,81 @@ def predict_command(run, dataset, out, overwrite, dtype, device, batch_size, set
     click.echo(f"wrote {written}")
 
 
+@cli.command("export")
+@click.option("--run", required=True, type=click.Path(path_type=Path), help="One run folder.")
+@click.option("--format", "fmt", type=click.Choice(["onnx"]), default="onnx", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Model file to write.")
+@click.option("--opset", type=int, default=None, help="ONNX opset (default: the exporter's).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT.")
+def export_command(run, fmt, out, opset, overwrite) -> None:
+    """Export a trained run's inference (backbone to maps) as an ONNX model for `3cad inspect --engine onnxruntime`."""
+    from threecad.export.onnx import export_onnx
+
+    click.echo(f"wrote {export_onnx(run, out, opset=opset, overwrite=overwrite)}")
+
+
+def _window_options(command):
+    """The options inspect and calibrate share: they must score images the same way."""
+    options = [
+        click.option("--run", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
+                     help="One category's run folder (from 3cad train)."),
+        click.option("--tile", type=int, default=None,
+                     help="Window size for large frames [the one that cut the run's training tiles]."),
+        click.option("--overlap", type=float, default=None, help="Window overlap [the run's, else 0.2]."),
+        click.option("--combine", type=click.Choice(["max", "mean"]), default="max", show_default=True,
+                     help="How overlapping window maps are combined."),
+        click.option("--engine", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True),
+        click.option("--model", type=click.Path(path_type=Path, dir_okay=False), default=None,
+                     help="ONNX model for --engine onnxruntime [RUN/model.onnx]."),
+        click.option("--threads", type=int, default=None,
+                     help="Intra-op threads [OMP_NUM_THREADS, else the core count]."),
+        click.option("--batch-size", type=int, default=None, help="Windows per forward pass [the method's]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@cli.command("calibrate")
+@_window_options
+@click.option("--normals", required=True, multiple=True,
+              help="Held-out normal images: a folder, file or glob (repeatable), e.g. DATA/<Category>/validation/good.")
+@click.option("--false-alarm-rate", default=0.01, show_default=True, help="Target share of normal images called NG.")
+def calibrate_command(run, tile, overlap, combine, engine, model, threads, batch_size, normals,
+                      false_alarm_rate) -> None:
+    """Set a run's image and pixel thresholds from held-out normal images (writes RUN/calibration.json)."""
+    from threecad.inspect.calibration import CALIBRATION_FILE, calibrate
+
+    record = calibrate(run, list(normals), false_alarm_rate, tile=tile, overlap=overlap, combine=combine,
+                       engine=engine, model=model, threads=threads, batch_size=batch_size)
+    click.echo(f"{record['n_normals']} normal images: image threshold {record['image_threshold']:.6g}, pixel "
+               f"threshold {record['pixel_threshold']:.6g} (false-alarm rate {record['false_alarm_rate']:g}, "
+               f"{record['achieved_false_alarm_rate']:.3g} on these normals) -> {Path(run) / CALIBRATION_FILE}")
+
+
+@cli.command("inspect")
+@_window_options
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output folder (new or empty).")
+@click.option("--threshold", type=float, default=None, help="Image threshold (NG above it), overriding the calibration.")
+@click.option("--pixel-threshold", type=float, default=None,
+              help="Pixel threshold of the region outlines [the calibration's, else --threshold].")
+@click.option("--overwrite", is_flag=True, help="Replace inspect's outputs in a non-empty OUT.")
+def inspect_command(run, tile, overlap, combine, engine, model, threads, batch_size, inputs, out, threshold,
+                    pixel_threshold, overwrite) -> None:
+    """Score frames (files, folders, globs; any size) with a run: maps, overlays, results.csv, decisions."""
+    from threecad.inspect.inspection import format_summary, inspect
+
+    summary = inspect(run, list(inputs), out, tile=tile, overlap=overlap, combine=combine, threshold=threshold,
+                      pixel_threshold=pixel_threshold, engine=engine, model=model, threads=threads,
+                      batch_size=batch_size, overwrite=overwrite)
+    click.echo(format_summary(summary))
+    if not summary["decided"]:
+        click.echo(f"no decision: {run} is not calibrated; run `3cad calibrate --run {run} --normals DIR` "
+                   "or pass --threshold")
+    click.echo(f"wrote {Path(out) / 'results.csv'}")
+
+
 @cli.command("demo")
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
@@ -475,14 +550,22 @@ def demo_command(out, overwrite, device) -> None:
 @click.option("--curves", is_flag=True, help="Add downsampled ROC and PRO curves to the JSON.")
 @click.option("--image-scores", type=click.Choice(["auto", "map-max"]), default="auto", show_default=True,
               help="auto: PREDICTIONS/scores.csv when present, else the max of each map; map-max: ignore scores.csv.")
-def evaluate_cmd(dataset, predictions, protocol, categories, json_out, device, size, curves, image_scores) -> None:
+@click.option("--memory-budget", default="2GB", show_default=True,
+              help="Memory for float32 pixel keys before they spill to a temporary folder (exact either way); "
+                   "'none': keep everything in memory.")
+@click.option("--spill-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Folder for the temporary spill folder [default: the system temporary folder].")
+def evaluate_cmd(dataset, predictions, protocol, categories, json_out, device, size, curves, image_scores,
+                 memory_budget, spill_dir) -> None:
     """Score a predictions folder: I-AUROC, P-AUROC, AU-PRO, pixel AP, image and pixel F1-max."""
     from threecad.io import write_json
     from threecad.metrics import evaluate_predictions, format_table
 
     result = evaluate_predictions(dataset, predictions, protocol=protocol, categories=_names(categories),
                                   device=device, size=_parse_size(size) if size else None, curves=curves,
-                                  scores="auto" if image_scores == "auto" else None)
+                                  scores="auto" if image_scores == "auto" else None,
+                                  memory_budget=None if memory_budget.lower() == "none" else memory_budget,
+                                  spill_dir=spill_dir)
     if json_out is not None:
         write_json(json_out, result)
     click.echo(format_table(result))
@@ -553,18 +636,21 @@ def leaderboard_submit(submission, dataset, store, categories, device, as_json) 
 @click.option("--metric", default=None, help="One metric (or a,b), e.g. p_auroc.")
 @click.option("--pair", default=None, help="Two metrics per cell, e.g. p_auroc/p_ap (default) or i_auroc/aupro.")
 @click.option("--protocol", type=click.Choice(["mvtec", "3cad-paper", "runtime"]), default=None,
-              help="[3cad-paper for --source reported, else mvtec]")
+              help="[mvtec for --source evaluated, else 3cad-paper]")
 @click.option("--format", "fmt", type=click.Choice(["md", "csv", "latex", "html"]), default="md", show_default=True)
-@click.option("--source", type=click.Choice(["evaluated", "reported", "all"]), default="reported", show_default=True)
+@click.option("--source", type=click.Choice(["evaluated", "reported", "all"]), default="all", show_default=True)
+@click.option("--dataset", default=None, metavar="NAME|FINGERPRINT",
+              help="Only this dataset's section: a name (3CAD, a folder name) or a fingerprint prefix [all].")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Write to this file instead of stdout.")
-def leaderboard_table(store, metric, pair, protocol, fmt, source, out) -> None:
-    """Methods by family x categories + mean; best bold, second underlined, "-" for missing."""
+def leaderboard_table(store, metric, pair, protocol, fmt, source, dataset, out) -> None:
+    """One section per dataset: methods by family x categories + mean; best bold, second underlined."""
     from leaderboard.store import Store
     from leaderboard.tables import render_table
     from threecad.io import write_text
 
     with Store(store, readonly=True) as db:
-        text = render_table(db, metric=metric, pair=pair, protocol=protocol, fmt=fmt, source=source)
+        text = render_table(db, metric=metric, pair=pair, protocol=protocol, fmt=fmt, source=source,
+                            dataset=dataset)
     if out is not None:
         write_text(out, text)
         click.echo(f"wrote {out}")
@@ -598,6 +684,60 @@ def leaderboard_run(method, dataset, categories, store, device, size, resize, ex
                                resize=resize, seed=seed, config=_parse_set(settings), dtype=dtype, warmup=warmup,
                                timed=timed, exposure=exposure)
     click.echo(summary.text())
+
+
+@leaderboard.command("benchmark")
+@click.option("--dataset", required=True, type=click.Path(path_type=Path), help="Dataset root.")
+@click.option("--methods", default="all", show_default=True, help="all (every registered method) or a,b,...")
+@click.option("--categories", multiple=True, help="Only these categories (repeat, or comma-separated) [all].")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: one job after another here; ray: jobs as Ray tasks (a local instance, or --address).")
+@click.option("--address", default=None, help="Join this Ray cluster (ray://HOST:10001, HOST:6379 or auto).")
+@click.option("--gpus-per-job", default=0.0, show_default=True, help="GPUs each Ray job asks for (>0: on CUDA).")
+@click.option("--cpus-per-job", default=1.0, show_default=True, help="CPUs each Ray job asks for.")
+@click.option("--memory-per-job", "memory_gb", default=None, type=float, help="GiB of memory each Ray job asks for.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch CPU threads of every job, both executors [--cpus-per-job]; the same count gives the same "
+                   "numbers locally and on Ray.")
+@_store_option
+@click.option("--device", default="auto", show_default=True, help="Local executor: auto, cpu, cuda or cuda:N.")
+@click.option("--size", default=256, show_default=True, help="Image side fed to every model.")
+@click.option("--resize", type=click.Choice(["squash", "aspect"]), default="squash", show_default=True)
+@click.option("--exposure", type=click.Choice(["raw", "mean"]), default="raw", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float32", show_default=True)
+@click.option("--warmup", default=3, show_default=True, help="Untimed batch-1 passes before timing.")
+@click.option("--timed", default=20, show_default=True, help="Timed batch-1 passes.")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for each run's folders and maps, and benchmark-failures.jsonl [~/.threecad/runs].")
+@click.option("--set", "settings", multiple=True, metavar="[METHOD.]KEY=VALUE",
+              help="Method option for one method (METHOD.KEY) or every method that has it (KEY); repeatable.")
+def leaderboard_benchmark(dataset, methods, categories, executor, address, gpus_per_job, cpus_per_job, memory_gb,
+                          threads, store, device, size, resize, exposure, seed, dtype, warmup, timed, out, settings) -> None:
+    """Every method x every category, one standardized-run job each, here or on Ray; resumable.
+
+    Exit status 1 if any job failed (the others still ran and were stored), 130 on Ctrl-C.
+    """
+    from leaderboard.benchmark import BenchmarkInterrupted, benchmark
+
+    def progress_line(outcome, n, total) -> None:
+        state = f"done in {outcome.seconds:.1f} s" if outcome.ok else f"FAILED after {outcome.seconds:.1f} s: " \
+            f"{outcome.error}"
+        click.echo(f"[{n}/{total}] {outcome.method}/{outcome.category}: {state}")
+
+    try:
+        summary = benchmark(dataset, methods, _names(categories), store=store, out=out, executor=executor,
+                            address=address, gpus_per_job=gpus_per_job, cpus_per_job=cpus_per_job,
+                            memory_per_job_gb=memory_gb, threads=threads, device=device, size=size, resize=resize, seed=seed,
+                            settings=_parse_set(settings), dtype=dtype, exposure=exposure, warmup=warmup,
+                            timed=timed, on_outcome=progress_line)
+    except BenchmarkInterrupted as stop:
+        click.echo(stop.summary.text())
+        click.echo("interrupted: finished jobs are stored; rerun the same command to continue", err=True)
+        sys.exit(130)
+    click.echo(summary.text())
+    if summary.failed:
+        sys.exit(1)
 
 
 @leaderboard.command("site")
@@ -634,11 +774,21 @@ def leaderboard_check(store) -> None:
 
 
 @leaderboard.command("means")
-def leaderboard_means() -> None:
-    """Does each published Mean of Tables 3 and 4 equal the mean of its eight category values?"""
-    from leaderboard.reported import mean_check_report
+@_store_option
+@click.option("--dataset", default=None, metavar="NAME|FINGERPRINT", help="Only this dataset's evaluated means.")
+def leaderboard_means(store, dataset) -> None:
+    """Check the paper's published Means; then each evaluated entry's means per dataset, with category counts.
 
-    click.echo(mean_check_report())
+    The store part reads --store / $THREECAD_STORE, else the default store when it exists.
+    """
+    from leaderboard.store import Store, default_store_path
+    from leaderboard.tables import means_report
+
+    if store is None and dataset is None and not default_store_path().exists():
+        click.echo(means_report(None), nl=False)
+        return
+    with Store(store, readonly=True) as db:
+        click.echo(means_report(db, dataset), nl=False)
 
 
 @leaderboard.command("export")

@@ -11,6 +11,8 @@ every method and lives in :mod:`threecad.maps.postprocess`; its names are re-exp
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -30,16 +32,18 @@ def local_aggregate(feature: torch.Tensor, kernel: int = 3) -> torch.Tensor:
     return F.avg_pool2d(feature, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
 
 
+def resize_concat(features: Sequence[torch.Tensor], grid: int = 0, align_corners: bool = False) -> torch.Tensor:
+    """Every level resized bilinearly to level ``grid``'s size (0: the finest, -1: the coarsest),
+    concatenated over channels. ``align_corners=True`` is the UniAD/CRAD neck (MFCN, torch's
+    ``UpsamplingBilinear2d``); shrinking point-samples either way (no antialiasing)."""
+    size = features[grid].shape[-2:]
+    return torch.cat([f if f.shape[-2:] == size else
+                      F.interpolate(f, size=size, mode="bilinear", align_corners=align_corners) for f in features], 1)
+
+
 def combine_stages(features: list[torch.Tensor], kernel: int = 3) -> torch.Tensor:
     """Aggregate each stage, upsample all to the first (finest) stage's grid, concatenate channels."""
-    size = features[0].shape[-2:]
-    out = []
-    for feature in features:
-        feature = local_aggregate(feature, kernel)
-        if feature.shape[-2:] != size:
-            feature = F.interpolate(feature, size=size, mode="bilinear", align_corners=False)
-        out.append(feature)
-    return torch.cat(out, 1)
+    return resize_concat([local_aggregate(feature, kernel) for feature in features])
 
 
 def local_brightness(images: torch.Tensor, grid: tuple[int, int], kernel: int = 3) -> torch.Tensor:

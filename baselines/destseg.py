@@ -39,7 +39,8 @@ from threecad.maps.postprocess import top_fraction_mean
 from threecad.methods import Method, Option, register
 from threecad.methods.batching import train_subset
 from threecad.methods.blocks import FrozenPartNet, Teacher, build_teacher, focal_loss
-from threecad.methods.training import TrainSettings
+from threecad.methods.method import NetInference
+from threecad.methods.training import TrainSettings, seeded
 from threecad.methods.training import fit as engine_fit
 from threecad.synth.anomalies import (
     IMAGE_ROTATIONS,
@@ -416,8 +417,7 @@ class DeSTSeg(Method):
 
     def _build(self) -> DeSTSegNet:
         if self.net is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
+            with seeded(self.seed):
                 teacher = build_teacher(self.encoder, self.encoder_weights)
                 self._encoder_used = teacher.name
                 self.net = DeSTSegNet(teacher, self.seg_width)
@@ -495,13 +495,21 @@ class DeSTSeg(Method):
         if size[0] % STRIDE or size[1] % STRIDE:
             raise ThreecadError(f"destseg takes image sides divisible by {STRIDE}, got {size[1]}x{size[0]}: "
                                 "predict at the input size the run was trained with")
-        out = self.net.eval()(images.to(self._device()).float(), segment=self.map == "segmentation")
+        return self.run_inference(images.to(self._device()))
+
+    def inference_module(self) -> NetInference:
+        """The network and its map (:meth:`_infer`) as one module."""
+        return self.net_inference()
+
+    def _infer(self, net: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and maps: the segmentation head's map (or the DeST map), the score its top-``topk`` mean."""
+        size = tuple(images.shape[-2:])
+        out = net(images, segment=self.map == "segmentation")
         if self.map == "segmentation":
             maps = F.interpolate(out["segmentation"].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
         else:
             maps = dest_map(out, size)
-        scores = top_fraction_mean(maps, min(self.topk, size[0] * size[1]) / (size[0] * size[1]))
-        return scores.cpu().numpy().astype(np.float32), maps.cpu().numpy().astype(np.float32)
+        return top_fraction_mean(maps, min(self.topk, size[0] * size[1]) / (size[0] * size[1])), maps
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -28,11 +28,12 @@ from torch import nn
 
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
-from threecad.maps.postprocess import gaussian_kernel1d
+from threecad.maps.postprocess import gaussian_kernel1d, mean_filter
 from threecad.methods import Method, Option, register
 from threecad.methods.batching import train_subset
 from threecad.methods.blocks import focal_loss
-from threecad.methods.training import TrainSettings
+from threecad.methods.method import NetInference
+from threecad.methods.training import TrainSettings, seeded
 from threecad.methods.training import fit as engine_fit
 from threecad.synth.anomalies import DRAEM_SYNTHESIS, SyntheticAnomalyDataset, TextureBank, collate
 
@@ -186,8 +187,7 @@ def draem_losses(out: dict[str, torch.Tensor], clean: torch.Tensor, mask: torch.
 def window_max(maps: torch.Tensor, window: int) -> torch.Tensor:
     """Image scores (B,): the maximum of the ``window`` x ``window`` mean filter of (B, H, W) maps
     (stride 1, zero padding counted in the mean, as the official evaluation)."""
-    pooled = F.avg_pool2d(maps[:, None], window, stride=1, padding=window // 2, count_include_pad=True)
-    return pooled.flatten(1).amax(1)
+    return mean_filter(maps, window).flatten(1).amax(1)
 
 
 def milestones(epochs: int, fractions: tuple[float, ...]) -> list[int]:
@@ -266,6 +266,8 @@ class DRAEM(Method):
         self.size = size
         self.textures = None if textures in (None, "") else str(textures)
         self.score_window = int(score_window)
+        if self.score_window % 2 == 0:
+            raise ThreecadError(f"method 'draem' option score_window takes an odd number (a centred window), got {score_window}")
         self.seed = int(seed)
         self.device = str(device)
         self.amp = bool(amp)
@@ -280,8 +282,7 @@ class DRAEM(Method):
 
     def _build(self) -> DRAEMNet:
         if self.net is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
+            with seeded(self.seed):
                 self.net = DRAEMNet(self.width)
             self.net.to(self._device())
             log.info("draem: width 1/%d, %.2f M parameters", self.width,
@@ -341,10 +342,16 @@ class DRAEM(Method):
         if images.shape[-2] % STRIDE or images.shape[-1] % STRIDE:
             raise ThreecadError(f"draem takes image sides divisible by {STRIDE}, got "
                                 f"{images.shape[-1]}x{images.shape[-2]}: predict at the input size it was trained with")
-        out = self.net.eval()(images.to(self._device()).float())
-        maps = torch.softmax(out["logits"].float(), dim=1)[:, 1]
-        scores = window_max(maps, self.score_window)
-        return scores.cpu().numpy().astype(np.float32), maps.cpu().numpy().astype(np.float32)
+        return self.run_inference(images.to(self._device()))
+
+    def inference_module(self) -> NetInference:
+        """The network and its map (:meth:`_infer`) as one module."""
+        return self.net_inference()
+
+    def _infer(self, net: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and maps: the anomaly-class probability, the score its windowed maximum."""
+        maps = torch.softmax(net(images)["logits"].float(), dim=1)[:, 1]
+        return window_max(maps, self.score_window), maps
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:

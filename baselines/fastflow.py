@@ -23,9 +23,8 @@ ResNet-18 file is absent; the frozen features cached once (:mod:`threecad.method
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -43,26 +42,13 @@ from threecad.methods.feature_cache import (
     FrozenEncoderMethod,
     batch_features,
 )
-from threecad.methods.training import TrainSettings
+from threecad.methods.method import NetInference
+from threecad.methods.training import TrainSettings, seeded
 
 log = logging.getLogger(__name__)
 
 #: anomalib's FastFlow backbone for the paper's runs.
 PAPER_ENCODER = "resnet18"
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Torch and numpy global generators seeded for a block and restored after it: FrEIA draws
-    each block's permutation from numpy's global generator, the layers' initial weights from torch's."""
-    state = np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            yield
-        finally:
-            np.random.set_state(state)
 
 
 # --------------------------------------------------------------------------------------------- network
@@ -282,10 +268,16 @@ class FastFlow(FrozenEncoderMethod):
         if size != trained:
             raise ThreecadError(f"fastflow was trained at {trained[1]}x{trained[0]} (its LayerNorms fix the size), "
                                 f"got {size[1]}x{size[0]}: predict with the run's --size and --resize squash")
-        out = self.net.eval()({"image": images})
-        maps = gaussian_blur(fastflow_map(out["z"], size), self.sigma)
-        scores = maps.flatten(1).amax(1)
-        return scores.cpu().numpy().astype(np.float32), maps.cpu().numpy().astype(np.float32)
+        return self.run_inference(images)
+
+    def inference_module(self) -> NetInference:
+        """The encoder, the flows and the map (:meth:`_infer`) as one module."""
+        return self.net_inference()
+
+    def _infer(self, net: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and maps: the flows' likelihood map, smoothed; the score its maximum."""
+        maps = gaussian_blur(fastflow_map(net({"image": images})["z"], tuple(images.shape[-2:])), self.sigma)
+        return maps.flatten(1).amax(1), maps
 
     # ------------------------------------------------------------------ state
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -20,6 +20,46 @@ def _squared_distances(queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch
     return out.add_(q_sq).clamp_min_(0.0)
 
 
+def nearest_in_bank(queries: torch.Tensor, bank: torch.Tensor, k: int, bank_chunk: int,
+                    bank_sq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distances (Q, k) and indices (Q, k) of the k nearest bank rows of every query, sorted ascending.
+
+    The bank is scanned in chunks of ``bank_chunk`` rows, so memory is about ``Q x bank_chunk``
+    floats; all queries go at once. The loop runs over the bank only, whose size is fixed once
+    fitted, so this is also the graph :mod:`threecad.export` traces for PatchCore with a dynamic
+    batch. ``bank_sq``: the bank's squared norms, when the caller has them.
+    """
+    if bank.shape[0] == 0:
+        raise ValueError("empty memory bank")
+    k = min(k, bank.shape[0])
+    queries = queries.float()
+    bank = bank.float()
+    n_b = bank.shape[0]
+    bank_chunk = max(k, min(n_b, int(bank_chunk)))
+    if bank_sq is None:
+        bank_sq = (bank * bank).sum(1)
+    best_d = best_i = None
+    for bs in range(0, n_b, bank_chunk):
+        d = _squared_distances(queries, bank[bs : bs + bank_chunk], bank_sq[bs : bs + bank_chunk])
+        kk = min(k, d.shape[1])
+        if kk == 1:  # min is several times faster than topk for the common k = 1
+            d_k, i_k = d.min(dim=1, keepdim=True)
+        else:
+            d_k, i_k = torch.topk(d, kk, dim=1, largest=False)
+        i_k = i_k + bs
+        if best_d is None:
+            best_d, best_i = d_k, i_k
+        else:
+            cat_d, cat_i = torch.cat([best_d, d_k], 1), torch.cat([best_i, i_k], 1)
+            best_d, order = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False)
+            best_i = torch.gather(cat_i, 1, order)
+    # The expansion loses precision when distances are small next to the norms: recompute the
+    # k winners directly, which makes the returned distances exact to float32 rounding.
+    exact = (queries[:, None, :] - bank[best_i]).pow(2).sum(-1)
+    exact, order = exact.sort(1)
+    return exact.sqrt(), torch.gather(best_i, 1, order)
+
+
 def nearest_neighbors(
     queries: torch.Tensor,
     bank: torch.Tensor,
@@ -29,7 +69,7 @@ def nearest_neighbors(
     """Euclidean distances (Q, k) and bank indices (Q, k) of the k nearest bank rows of each query.
 
     Sorted ascending per query. Memory stays below about ``block_bytes`` plus the outputs, whatever
-    the sizes of ``queries`` and ``bank``.
+    the sizes of ``queries`` and ``bank``: queries go in chunks to :func:`nearest_in_bank`.
     """
     if bank.shape[0] == 0:
         raise ValueError("empty memory bank")
@@ -44,26 +84,7 @@ def nearest_neighbors(
     out_d = torch.empty(n_q, k, device=queries.device)
     out_i = torch.empty(n_q, k, dtype=torch.long, device=queries.device)
     for qs in range(0, n_q, query_chunk):
-        q = queries[qs : qs + query_chunk]
-        best_d = best_i = None
-        for bs in range(0, n_b, bank_chunk):
-            d = _squared_distances(q, bank[bs : bs + bank_chunk], bank_sq[bs : bs + bank_chunk])
-            kk = min(k, d.shape[1])
-            if kk == 1:  # min is several times faster than topk for the common k = 1
-                d_k, i_k = d.min(dim=1, keepdim=True)
-            else:
-                d_k, i_k = torch.topk(d, kk, dim=1, largest=False)
-            i_k = i_k + bs
-            if best_d is None:
-                best_d, best_i = d_k, i_k
-            else:
-                cat_d, cat_i = torch.cat([best_d, d_k], 1), torch.cat([best_i, i_k], 1)
-                best_d, order = torch.topk(cat_d, min(k, cat_d.shape[1]), dim=1, largest=False)
-                best_i = torch.gather(cat_i, 1, order)
-        # The expansion loses precision when distances are small next to the norms: recompute the
-        # k winners directly, which makes the returned distances exact to float32 rounding.
-        exact = (q[:, None, :] - bank[best_i]).pow(2).sum(-1)
-        exact, order = exact.sort(1)
-        out_d[qs : qs + query_chunk] = exact.sqrt()
-        out_i[qs : qs + query_chunk] = torch.gather(best_i, 1, order)
+        d, i = nearest_in_bank(queries[qs : qs + query_chunk], bank, k, bank_chunk, bank_sq)
+        out_d[qs : qs + query_chunk] = d
+        out_i[qs : qs + query_chunk] = i
     return out_d, out_i

@@ -25,7 +25,7 @@ from baselines import features as _features
 from baselines.aggregation import combine_stages, with_brightness
 from baselines.calibration import PositionalBaseline
 from baselines.coreset import chunked_greedy_coreset
-from baselines.knn import nearest_neighbors
+from baselines.knn import nearest_in_bank, nearest_neighbors
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError
 from threecad.maps.postprocess import top_fraction_mean, upsample_maps
@@ -39,6 +39,86 @@ log = logging.getLogger(__name__)
 #: calibration, raw exposure, a coreset of a random 200k-patch sample in one greedy pass.
 PAPER_SETTINGS = {"topk": 0.0, "intensity_weight": 0.0, "calibration_images": 0, "max_patches": 200_000,
                   "coreset_chunk": None, "exposure": "raw"}
+
+
+def embed_patches(extractor, images: torch.Tensor, layers: Sequence[str], neighbourhood: int,
+                  feature_dim: int | None, intensity_weight: float) -> torch.Tensor:
+    """Patch features (B, h, w, D) of images (B, 3, H, W) in [0, 1]: the fused, locally aggregated
+    stages, channel-reduced to ``feature_dim``, with the brightness channel when ``intensity_weight > 0``."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ThreecadError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    maps = _features.extract(extractor, images, layers)
+    fused = combine_stages([m.float() for m in maps], neighbourhood)
+    b, c, h, w = fused.shape
+    if feature_dim is not None and c > feature_dim:
+        fused = F.adaptive_avg_pool1d(fused.permute(0, 2, 3, 1).reshape(-1, 1, c), feature_dim)
+        fused = fused.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+    if intensity_weight > 0:
+        fused = with_brightness(fused, images, intensity_weight, neighbourhood)
+    return fused.permute(0, 2, 3, 1).contiguous()
+
+
+class PatchCoreInference(torch.nn.Module):
+    """PatchCore's predict, images (B, 3, H, W) -> (scores (B,), maps (B, H, W)), as one module.
+
+    The backbone and the whole nearest-neighbour search are in the graph, the memory bank a constant
+    (so ``3cad export`` writes backbone + bank + search as one ONNX model). The search scans the bank
+    in chunks sized so that a batch of the method's ``batch_size`` images needs about ``block_mb``
+    of distances (:func:`baselines.knn.nearest_in_bank`): the loop runs over the fixed bank only, so
+    the batch stays a dynamic axis.
+    """
+
+    def __init__(self, method: PatchCore, bank: torch.Tensor):
+        super().__init__()
+        self.extractor = method._get_extractor()
+        self.register_buffer("bank", bank)
+        self.register_buffer("bank_sq", (bank * bank).sum(1))
+        self.baseline = method.baseline if method.calibration_images else None
+        self.layers = list(method.layers)
+        self.neighbourhood, self.feature_dim = method.neighbourhood, method.feature_dim
+        self.intensity_weight, self.num_neighbors = method.intensity_weight, method.num_neighbors
+        self.reweight, self.reweight_neighbors = method.reweight, method.reweight_neighbors
+        self.topk, self.sigma = method.topk, method.sigma
+        self.batch_entries = max(1, method.block_mb * 2**20 // 4 // method.batch_size)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        patches = embed_patches(self.extractor, images, self.layers, self.neighbourhood, self.feature_dim,
+                                self.intensity_weight)
+        b, h, w, d = patches.shape
+        if d != self.bank.shape[1]:
+            raise ThreecadError(f"feature dimension {d} differs from the memory bank's {self.bank.shape[1]}: predict "
+                                "with the backbone, layers and feature_dim the run was fitted with")
+        chunk = max(1, self.batch_entries // (h * w))
+        flat = patches.reshape(-1, d)
+        dist, index = nearest_in_bank(flat, self.bank, self.num_neighbors, chunk, self.bank_sq)
+        scores = dist.mean(1).reshape(b, h, w)
+        if self.baseline is not None:
+            scores = scores - self.baseline.correction((h, w), scores.device)
+        scores = scores.reshape(b, h * w)
+        best = scores.argmax(1)
+        image_scores = scores.gather(1, best[:, None])[:, 0]
+        if self.reweight:
+            image_scores = image_scores * self._reweight(flat.reshape(b, h * w, d), best, index.reshape(b, h * w, -1),
+                                                         chunk)
+        maps = upsample_maps(scores.reshape(b, h, w), tuple(images.shape[-2:]), self.sigma)
+        if self.topk > 0:
+            image_scores = top_fraction_mean(maps, self.topk)
+        return image_scores.float(), maps.float()
+
+    def _reweight(self, patches: torch.Tensor, best: torch.Tensor, index: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Weight 1 - exp(d(m_test, m*)) / sum_{m in N_b(m*)} exp(d(m_test, m)) of the paper (eq. 7).
+
+        ``m_test`` is the image's most anomalous patch, ``m*`` its nearest bank entry and ``N_b(m*)``
+        is ``m*`` with its ``reweight_neighbors`` nearest bank entries. Computed as a softmax for
+        stability. Since ``m*`` is the nearest entry, the weight lies in [b / (b + 1), 1): near 1 when the
+        rest of the neighbourhood is far from ``m_test`` (``m*`` is a rare pattern), lower when dense.
+        """
+        rows = torch.arange(best.shape[0], device=patches.device)
+        m_test = patches[rows, best]  # (B, D)
+        m_star = self.bank[index[rows, best, 0]]  # (B, D)
+        _, hood = nearest_in_bank(m_star, self.bank, self.reweight_neighbors + 1, chunk, self.bank_sq)
+        dists = (m_test[:, None] - self.bank[hood]).pow(2).sum(-1).sqrt()  # (B, b+1); column 0 is m* itself
+        return 1.0 - torch.softmax(dists, dim=1)[:, 0]
 
 
 @register
@@ -195,17 +275,8 @@ class PatchCore(Method):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch features (B, h, w, D) of images (B, 3, H, W) in [0, 1]."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ThreecadError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        maps = _features.extract(self._get_extractor(), images.to(self._device()), self.layers)
-        fused = combine_stages([m.float() for m in maps], self.neighbourhood)
-        b, c, h, w = fused.shape
-        if self.feature_dim is not None and c > self.feature_dim:
-            fused = F.adaptive_avg_pool1d(fused.permute(0, 2, 3, 1).reshape(-1, 1, c), self.feature_dim)
-            fused = fused.reshape(b, h, w, -1).permute(0, 3, 1, 2)
-        if self.intensity_weight > 0:
-            fused = with_brightness(fused, images, self.intensity_weight, self.neighbourhood)
-        return fused.permute(0, 2, 3, 1).contiguous()
+        return embed_patches(self._get_extractor(), images.to(self._device()), self.layers, self.neighbourhood,
+                             self.feature_dim, self.intensity_weight)
 
     # ------------------------------------------------------------------ fit
     def fit(self, train_set, val_set=None) -> PatchCore:
@@ -274,7 +345,8 @@ class PatchCore(Method):
             self.memory_bank = self.memory_bank.to(device)
         return self.memory_bank
 
-    def predict_batch(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def inference_module(self) -> PatchCoreInference:
+        """The fitted bank's predict as one module (:class:`PatchCoreInference`)."""
         bank = self._bank()
         if self.intensity_weight != self.fitted_intensity_weight:
             raise ThreecadError(f"this PatchCore was fitted with intensity_weight={self.fitted_intensity_weight:g}, "
@@ -283,41 +355,12 @@ class PatchCore(Method):
         if self.calibration_images and self.baseline is None:
             raise ThreecadError("this PatchCore was fitted without calibration: fit again with calibration_images > 0, "
                                 "or predict with calibration_images=0")
-        patches = self.embed(images)
-        b, h, w, d = patches.shape
-        if d != bank.shape[1]:
-            raise ThreecadError(f"feature dimension {d} differs from the memory bank's {bank.shape[1]}: predict with the "
-                                "backbone, layers and feature_dim the run was fitted with")
-        flat = patches.reshape(-1, d)
-        dist, index = nearest_neighbors(flat, bank, self.num_neighbors, self.block_mb * 2**20)
-        scores = dist.mean(1).reshape(b, h, w)
-        if self.calibration_images:
-            scores = scores - self.baseline.correction((h, w), scores.device)
-        scores = scores.reshape(b, h * w)
-        best = scores.argmax(1)
-        image_scores = scores.gather(1, best[:, None])[:, 0]
-        if self.reweight:
-            image_scores = image_scores * self._reweight(flat.reshape(b, h * w, d), best, index.reshape(b, h * w, -1))
-        maps = upsample_maps(scores.reshape(b, h, w), tuple(images.shape[-2:]), self.sigma)
-        if self.topk > 0:
-            image_scores = top_fraction_mean(maps, self.topk)
-        return image_scores.float().cpu().numpy(), maps.cpu().numpy().astype(np.float32)
+        return PatchCoreInference(self, bank)
 
-    def _reweight(self, patches: torch.Tensor, best: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Weight 1 - exp(d(m_test, m*)) / sum_{m in N_b(m*)} exp(d(m_test, m)) of the paper (eq. 7).
-
-        ``m_test`` is the image's most anomalous patch, ``m*`` its nearest bank entry and ``N_b(m*)``
-        is ``m*`` with its ``reweight_neighbors`` nearest bank entries. Computed as a softmax for
-        stability. Since ``m*`` is the nearest entry, the weight lies in [b / (b + 1), 1): near 1 when the
-        rest of the neighbourhood is far from ``m_test`` (``m*`` is a rare pattern), lower when dense.
-        """
-        bank = self._bank()
-        rows = torch.arange(len(best), device=patches.device)
-        m_test = patches[rows, best]  # (B, D)
-        m_star = bank[index[rows, best, 0]]  # (B, D)
-        _, hood = nearest_neighbors(m_star, bank, self.reweight_neighbors + 1, self.block_mb * 2**20)
-        dists = torch.cdist(m_test[:, None], bank[hood])[:, 0]  # (B, b+1); column 0 is m* itself
-        return 1.0 - torch.softmax(dists, dim=1)[:, 0]
+    def predict_batch(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ThreecadError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        return self.run_inference(images.to(self._device()))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:

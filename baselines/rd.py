@@ -46,7 +46,8 @@ from threecad.methods.blocks import (
     cosine_distance_map,
     flattened_cosine_loss,
 )
-from threecad.methods.training import TrainSettings
+from threecad.methods.method import NetInference
+from threecad.methods.training import TrainSettings, seeded
 from threecad.methods.training import fit as engine_fit
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,10 @@ class RDNet(FrozenPartNet):
             if noisy is not None:
                 out["encoder_noisy"] = [f[b:] for f in both]
                 out["projected_noisy"] = [p[b:] for p in projected]
-        step = chunk or b
-        pieces = [self.decoder(self.ocbe([f[i:i + step] for f in bottleneck_in])) for i in range(0, b, step)]
+        if chunk is None:  # one pass: no loop over the batch size, which 3cad export keeps a dynamic axis
+            out["decoded"] = self.decoder(self.ocbe(bottleneck_in))
+            return out
+        pieces = [self.decoder(self.ocbe([f[i:i + chunk] for f in bottleneck_in])) for i in range(0, b, chunk)]
         out["decoded"] = pieces[0] if len(pieces) == 1 else [torch.cat(level) for level in zip(*pieces)]
         return out
 
@@ -381,8 +384,7 @@ class RD(Method):
 
     def _build(self) -> RDNet:
         if self.net is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
+            with seeded(self.seed):
                 teacher = build_teacher(self.encoder, self.encoder_weights)
                 self._encoder_used = teacher.name
                 self.net = RDNet(teacher, projection=self.projections, bottleneck=self.bottleneck)
@@ -461,11 +463,17 @@ class RD(Method):
         if size[0] % 32 or size[1] % 32:
             raise ThreecadError(f"{self.name} takes image sides divisible by 32, got {size[1]}x{size[0]}: "
                                 "predict at the input size the run was trained with")
-        net = self.net.eval()
-        out = net(images.to(self._device()).float())
-        maps = gaussian_blur(cosine_distance_map(out["encoder"], out["decoded"], size), self.sigma)
-        scores = top_fraction_mean(maps, self.topk)
-        return scores.cpu().numpy().astype(np.float32), maps.cpu().numpy().astype(np.float32)
+        return self.run_inference(images.to(self._device()))
+
+    def inference_module(self) -> NetInference:
+        """The network and its map (:meth:`_infer`) as one module."""
+        return self.net_inference()
+
+    def _infer(self, net: RDNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and maps: the summed ``1 - cos`` of encoder and decoder features, smoothed."""
+        out = net(images)
+        maps = gaussian_blur(cosine_distance_map(out["encoder"], out["decoded"], tuple(images.shape[-2:])), self.sigma)
+        return top_fraction_mean(maps, self.topk), maps
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:

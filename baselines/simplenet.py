@@ -48,7 +48,8 @@ from threecad.methods.feature_cache import (
     FrozenEncoderMethod,
     batch_features,
 )
-from threecad.methods.training import TrainSettings
+from threecad.methods.method import NetInference
+from threecad.methods.training import TrainSettings, seeded
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +282,7 @@ class SimpleNet(FrozenEncoderMethod):
     def _build(self) -> SimpleNetNet:
         if self.net is None:
             device = self._device()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
+            with seeded(self.seed):
                 teacher = build_teacher(self.encoder, self.encoder_weights, layers=LAYERS)
                 self._encoder_used = teacher.name
                 self.net = SimpleNetNet(teacher, *self._widths(teacher.name)).to(device)
@@ -326,10 +326,17 @@ class SimpleNet(FrozenEncoderMethod):
 
     @torch.no_grad()
     def predict_batch(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        patches = self.net.eval()({"image": self._model_input(images)})["scores"]
+        return self.run_inference(self._model_input(images))
+
+    def inference_module(self) -> NetInference:
+        """The encoder, the adaptor and the discriminator with the map (:meth:`_infer`) as one module."""
+        return self.net_inference()
+
+    def _infer(self, net: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and maps: the discriminator's patch scores upsampled and smoothed."""
+        patches = net({"image": images})["scores"]
         scores = patches.flatten(1).amax(1)  # the raw patch scores' maximum (official), not the map's
-        maps = upsample_maps(patches, tuple(images.shape[-2:]), sigma=self.sigma, align_corners=False)
-        return scores.cpu().numpy().astype(np.float32), maps.cpu().numpy().astype(np.float32)
+        return scores, upsample_maps(patches, tuple(images.shape[-2:]), sigma=self.sigma, align_corners=False)
 
     # ------------------------------------------------------------------ state
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

@@ -46,6 +46,9 @@ SMALL_CONFIG: dict[str, dict] = {
     "destseg": {"student_steps": 1, "seg_steps": 1, "batch_size": 2, "train_images": 2},
     "fastflow": {"epochs": 1},
     "simplenet": {"epochs": 1},
+    "uniad": {"epochs": 1},
+    "crad": {"epochs": 1},
+    "realnet-texture": {"epochs": 1, "batch_size": 2, "train_images": 2, "afs_batches": 1},
 }
 
 #: The bare network forward of a trained method: ``fn(method, images) -> anything``.
@@ -56,18 +59,25 @@ NETWORK_FORWARD = {
     "destseg": lambda method, images: method.net(images),
     "fastflow": lambda method, images: method.net({"image": images}),
     "simplenet": lambda method, images: method.net({"image": images}),
+    "uniad": lambda method, images: method.net({"image": images}),
+    "crad": lambda method, images: method.net({"image": images}),
+    "realnet-texture": lambda method, images: method.net(images),
 }
 
 #: The frozen encoder forward of a method on frozen features: ``fn(method, images) -> anything``.
 ENCODER_FORWARD = {
     "fastflow": lambda method, images: method.net.encoder(images),
     "simplenet": lambda method, images: method.net.encoder(images),
+    "uniad": lambda method, images: method.net.encoder.teacher(images),
+    "crad": lambda method, images: method.net.encoder(images),
 }
 
 #: ``--official-encoders``: the papers' encoders, random weights (same cost as the ImageNet files).
 OFFICIAL_ENCODERS = {
     "fastflow": {"encoder": "resnet18", "encoder_weights": "random"},
     "simplenet": {"encoder": "wide_resnet50_2", "encoder_weights": "random"},
+    "uniad": {"encoder": "efficientnet_b4", "encoder_weights": "random"},
+    "crad": {"encoder": "efficientnet_b4", "encoder_weights": "random"},
 }
 
 
@@ -122,7 +132,8 @@ def main() -> None:
                 config = dict(SMALL_CONFIG.get(name, {}))
                 if args.official_encoders:
                     config.update(OFFICIAL_ENCODERS.get(name, {}))
-                method = build(name, device=str(device), **config)
+                # built at the size it is fitted and timed at (CRAD and UniAD recommend 224 otherwise)
+                method = build(name, device=str(device), **{"size": args.size, **config})
                 method.fit(train)
             except Exception as exc:  # noqa: BLE001 - report and go on with the other methods
                 print(f"{name}: skipped ({exc.__class__.__name__}: {exc})")

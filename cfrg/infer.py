@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,8 +43,7 @@ def raw_map(outputs: dict, size: tuple[int, int], terms: Sequence[str] = OFFICIA
 
 
 def anomaly_maps(outputs: dict, size: tuple[int, int], terms: Sequence[str] = OFFICIAL_TERMS,
-                 sigma: float = 4.0, topk: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (B,), maps (B, H, W)) as float32 numpy arrays."""
+                 sigma: float = 4.0, topk: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores (B,), maps (B, H, W)) as float32 tensors (on the outputs' device)."""
     maps = gaussian_blur(raw_map(outputs, size, terms).detach(), sigma)
-    scores = top_fraction_mean(maps, topk)
-    return scores.cpu().numpy().astype(np.float32), maps.cpu().numpy().astype(np.float32)
+    return top_fraction_mean(maps, topk).float(), maps.float()

@@ -17,6 +17,8 @@ from threecad.errors import ThreecadError
 from threecad.methods import Method, Option, register
 from threecad.methods.batching import train_subset
 from threecad.methods.blocks import PAPER_TEACHER, build_teacher
+from threecad.methods.method import NetInference
+from threecad.methods.training import seeded
 from threecad.synth.anomalies import SyntheticAnomalyDataset, TextureBank
 
 log = logging.getLogger(__name__)
@@ -130,8 +132,7 @@ class CFRG(Method):
     # ------------------------------------------------------------------ model
     def _build(self) -> CFRGNet:
         if self.net is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed)
+            with seeded(self.seed):
                 teacher = build_teacher(self.teacher, self.teacher_weights)
                 self._teacher_used = teacher.name  # saved in the config (resolved_config)
                 self.net = CFRGNet(teacher)
@@ -172,29 +173,28 @@ class CFRG(Method):
                 "clean_probability": self.clean_probability, "textures": self.textures,
                 "train_images": self.train_images}
 
-    @torch.no_grad()
-    def predict_outputs(self, images: torch.Tensor) -> dict:
-        net = self._build()
-        net.eval()
-        device = next(net.student.parameters()).device
-        return net(images.to(device).float())
-
     def predict_batch(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         if self.net is None:
             raise ThreecadError("cfrg model is not fitted: call fit() or load a saved run")
         if images.ndim != 4 or images.shape[1] != 3:
             raise ThreecadError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        return self.run_inference(images.to(next(self.net.student.parameters()).device))
+
+    def inference_module(self) -> NetInference:
+        """The network and its map (:meth:`_infer`) as one module."""
+        return self.net_inference()
+
+    def _infer(self, net: CFRGNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and maps (:func:`cfrg.infer.anomaly_maps`) at the trained side, the maps resized to the input's."""
         height, width = images.shape[-2:]
         side = self.size or self._fitted_size or int(height)
         inputs = images
         if (height, width) != (side, side):
             inputs = F.interpolate(images.float(), size=(side, side), mode="bilinear", align_corners=False)
-        outputs = self.predict_outputs(inputs)
-        scores, maps = anomaly_maps(outputs, (side, side), self._terms, self.sigma, self.topk)
+        scores, maps = anomaly_maps(net(inputs.float()), (side, side), self._terms, self.sigma, self.topk)
         if (height, width) != (side, side):
-            maps = F.interpolate(torch.from_numpy(maps)[:, None], size=(height, width), mode="bilinear",
-                                 align_corners=False)[:, 0].numpy()
-        return scores.astype(np.float32), maps.astype(np.float32)
+            maps = F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+        return scores, maps
 
     def resolved_config(self) -> dict[str, Any]:
         """The teacher actually built (a missing WideResNet file falls back to Lite0) and the side

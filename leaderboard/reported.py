@@ -17,6 +17,8 @@ from threecad.dataset.catalog import CATEGORY_CODES, CATEGORY_FOLDERS
 
 PROTOCOL = "3cad-paper"
 PAPER = "3CAD (AAAI 2025), Tables 3 and 4"
+#: The dataset of every published number (and the name of evaluated rows on a verified full 3CAD copy).
+DATASET = "3CAD"
 
 #: Method families as the paper groups them, in the paper's order.
 FAMILIES: dict[str, tuple[str, ...]] = {

@@ -4,9 +4,10 @@ No external resources (no CDN, fonts or scripts): the tables are inline HTML, so
 of inline JavaScript, and the charts are PNGs drawn with matplotlib's Agg backend and embedded as
 base64 data URIs, so the file can be mailed, archived or served from anywhere, offline.
 
-Every table states its protocol and source in its caption and every cell repeats them in its
-``title``; published (``reported``) numbers and our own evaluations are separate tables, as are the
-two protocols.
+The page has one section per dataset (3CAD first): published (``reported``) numbers and our own
+evaluations on 3CAD share the 3CAD tables (the paper's rows marked ``[paper]``), other datasets get
+their own tables, and the two protocols are never in one table. Every caption states protocol,
+sources and dataset, and every cell repeats them in its ``title``.
 
 Names come from submissions, so they are text, never markup: the tables escape them for HTML
 (:mod:`leaderboard.tables`), and every string drawn by matplotlib goes through :func:`mpl_text`
@@ -32,16 +33,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from leaderboard import reported  # noqa: E402
-from leaderboard.store import Store  # noqa: E402
-from leaderboard.tables import build_table, category_label, metric_label, one_line  # noqa: E402
+from leaderboard.store import Store, opened_store  # noqa: E402
+from leaderboard.tables import (  # noqa: E402
+    build_table,
+    category_label,
+    group_by_dataset,
+    metric_label,
+    one_line,
+)
 from threecad.io import write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 PAIRS = (("p_auroc", "p_ap"), ("i_auroc", "aupro"), ("i_f1max", "p_f1max"))
 RUNTIME_PAIR = ("latency_ms", "peak_memory_mb")
-#: (protocol, source) sections in page order.
-SECTIONS = (("3cad-paper", "reported"), ("3cad-paper", "evaluated"), ("mvtec", "evaluated"))
 #: Matplotlib settings while drawing: stored names must never reach a LaTeX run.
 _PLAIN_TEXT = {"text.usetex": False}
 
@@ -169,22 +174,38 @@ def curve_chart(curves: list[dict[str, Any]], labels: dict[str, str], category: 
     return _png(fig)
 
 
-def _table_html(store: Store, metrics: tuple[str, ...], protocol: str, source: str) -> str | None:
-    rows = store.results(source=source, protocol=protocol, metrics=metrics)
-    table = build_table(rows, metrics, protocol, source)
-    if not table.rows:
-        return None
-    return table.render("html")
+def _tables_html(rows: list[dict[str, Any]], pairs, protocol: str, source: str, label: str) -> list[str]:
+    tables = [build_table(rows, pair, protocol, source, dataset=label) for pair in pairs]
+    return [t.render("html") for t in tables if t.rows]
+
+
+def _charts(evaluated: list[dict[str, Any]], curves: list[dict[str, Any]], label: str) -> list[str]:
+    """Bar chart and ROC/PRO curves of one dataset's evaluated entries, per protocol."""
+    labels = {r["submission_sha256"]: _label(r) for r in evaluated}
+    charts = []
+    for protocol in ("mvtec", "3cad-paper"):
+        rows = [r for r in evaluated if r["protocol"] == protocol and r["metric"] in ("i_auroc", "p_auroc")]
+        if rows:
+            charts.append(f"<h4>Per-category results, protocol {protocol}, dataset {html.escape(one_line(label))}</h4>")
+            charts.append(_img(bar_chart(rows, protocol), f"bar chart, protocol {protocol}"))
+        chosen = [c for c in curves if c["protocol"] == protocol and c["submission_sha256"] in labels]
+        for category in sorted({c["category"] for c in chosen}):
+            charts.append(_img(curve_chart([c for c in chosen if c["category"] == category], labels, category,
+                                           protocol), f"ROC and PRO curves, {category}, protocol {protocol}"))
+    return charts
 
 
 def build_site(store: Store | str | Path | None, out: str | Path, title: str = "threecad leaderboard") -> Path:
-    """Write the page to ``out`` (a file, or ``<out>/index.html`` for a folder); returns its path."""
+    """Write the page to ``out`` (a file, or ``<out>/index.html`` for a folder); returns its path.
+
+    One section per dataset (:func:`leaderboard.tables.group_by_dataset`; 3CAD first, with the
+    paper's rows and every evaluated 3CAD row in the same tables), and in it one table per protocol
+    and metric pair, the runtime table and the charts: nothing is ranked across datasets.
+    """
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         out = out / "index.html"
-    own = not isinstance(store, Store)
-    db = Store(store, readonly=True) if own else store
-    try:
+    with opened_store(store, readonly=True) as db:
         parts = [f"<h1>{html.escape(title)}</h1>",
                  f'<p class="note">Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from '
                  f"{html.escape(str(db.path))}. Percentages with one decimal; per column the best value is "
@@ -192,42 +213,45 @@ def build_site(store: Store | str | Path | None, out: str | Path, title: str = "
                  "header to sort. <b>Protocol</b> <code>3cad-paper</code> is the 3CAD paper's own evaluation "
                  "(256x256, Gaussian-smoothed maps, per-image P-PRO); <code>mvtec</code> is the standard MVTec AD "
                  "definition at native resolution (AU-PRO up to FPR 0.3). <b>Source</b> <code>reported</code> "
-                 "numbers are copied from the paper; <code>evaluated</code> numbers were computed here from "
-                 "submitted maps or standardized runs. The two protocols and the two sources are never mixed "
-                 "in one table.</p>"]
-        for protocol, source in SECTIONS:
-            tables = [t for t in (_table_html(db, pair, protocol, source) for pair in PAIRS) if t]
-            if not tables:
-                continue
-            parts.append(f'<h2 id="{protocol}-{source}">Protocol {protocol}, source {source}</h2>')
-            parts.extend(tables)
-            if source == "reported":
-                parts.append(f"<pre>{html.escape(reported.mean_check_report())}</pre>")
-        runtime = _table_html(db, RUNTIME_PAIR, "runtime", "evaluated")
-        if runtime:
-            parts.append('<h2 id="runtime">Inference speed and memory (standardized runs, source evaluated)</h2>')
-            parts.append('<p class="note">Batch 1 after warm-up; each timed pass includes the copy of the image '
-                         "to the device and of the map back to the host. Memory: peak reserved by PyTorch's CUDA "
-                         "allocator on a GPU, peak resident set size on a CPU. Hardware is recorded per entry "
-                         "(see <code>3cad leaderboard list</code>).</p>")
-            parts.append(runtime)
-        evaluated = db.results(source="evaluated")
-        labels = {r["submission_sha256"]: _label(r) for r in evaluated}
-        charts = []
-        for protocol in ("mvtec", "3cad-paper"):
-            rows = [r for r in evaluated if r["protocol"] == protocol and r["metric"] in ("i_auroc", "p_auroc")]
-            if rows:
-                charts.append(f"<h3>Per-category results, protocol {protocol}</h3>")
-                charts.append(_img(bar_chart(rows, protocol), f"bar chart, protocol {protocol}"))
-            curves = [c for c in db.curves() if c["protocol"] == protocol and c["submission_sha256"] in labels]
-            for category in sorted({c["category"] for c in curves}):
-                chosen = [c for c in curves if c["category"] == category]
-                charts.append(_img(curve_chart(chosen, labels, category, protocol),
-                                   f"ROC and PRO curves, {category}, protocol {protocol}"))
-        if charts:
-            parts.append('<h2 id="charts">Charts of evaluated entries</h2>')
-            parts.extend(charts)
-        else:
+                 "numbers are copied from the paper (marked [paper] beside our own); <code>evaluated</code> "
+                 "numbers were computed here from submitted maps or standardized runs. Each <b>dataset</b> has its "
+                 "own section and rankings; the two protocols are never mixed in one table. A Mean covers the "
+                 "categories an entry has: the header says <i>Mean (n/N)</i>, or a <i>mean over</i> column gives "
+                 "each row's count, and only means over all N categories are ranked.</p>"]
+        curves = db.curves()
+        evaluated_any = False
+        for index, group in enumerate(group_by_dataset(db.results())):
+            label = group.label
+            section = []
+            for protocol in ("3cad-paper", "mvtec"):
+                tables = _tables_html(group.rows, PAIRS, protocol, "all", label)
+                if not tables:
+                    continue
+                section.append(f'<h3 id="dataset-{index}-{protocol}">Protocol {protocol}</h3>')
+                section.extend(tables)
+                if protocol == reported.PROTOCOL and any(r["source"] == "reported" for r in group.rows):
+                    section.append(f"<pre>{html.escape(reported.mean_check_report())}</pre>")
+            runtime = _tables_html(group.rows, [RUNTIME_PAIR], "runtime", "evaluated", label)
+            if runtime:
+                section.append(f'<h3 id="dataset-{index}-runtime">Inference speed and memory (standardized runs, '
+                               "source evaluated)</h3>")
+                section.append('<p class="note">Batch 1 after warm-up; each timed pass includes the copy of the '
+                               "image to the device and of the map back to the host. Memory: peak reserved by "
+                               "PyTorch's CUDA allocator on a GPU, peak resident set size on a CPU. Hardware is "
+                               "recorded per entry (see <code>3cad leaderboard list</code>).</p>")
+                section.extend(runtime)
+            evaluated = [r for r in group.rows if r["source"] == "evaluated"]
+            evaluated_any = evaluated_any or bool(evaluated)
+            charts = _charts(evaluated, curves, label)
+            if charts:
+                section.append(f"<h3>Charts of evaluated entries, dataset {html.escape(one_line(label))}</h3>")
+                section.extend(charts)
+            if section:
+                prints = ", ".join(group.fingerprints) or ("as published" if group.is_3cad else "none recorded")
+                parts.append(f'<h2 id="dataset-{index}">Dataset: {html.escape(one_line(label))}</h2>')
+                parts.append(f'<p class="note">Fingerprint(s): {html.escape(one_line(prints))}</p>')
+                parts.extend(section)
+        if not evaluated_any:
             parts.append('<p class="note">No evaluated entries yet: submit maps with '
                          "<code>3cad leaderboard submit</code> or run <code>3cad leaderboard run</code>.</p>")
         page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -236,6 +260,3 @@ def build_site(store: Store | str | Path | None, out: str | Path, title: str = "
         write_text(out, page)  # with the umask's mode, like every file threecad.io writes
         log.debug("wrote %s (%d KB)", out, len(page) // 1024)
         return out
-    finally:
-        if own:
-            db.close()

@@ -15,6 +15,7 @@ resumes where it stopped and finished categories are never redone.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -23,6 +24,8 @@ import platform
 import shutil
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +33,15 @@ from typing import Any
 import torch
 
 from leaderboard.reported import family_of
-from leaderboard.store import STANDARDIZED_RUNNER, Store
-from leaderboard.submit import PROTOCOLS, curve_rows, dataset_fingerprint, evaluate_tree, result_rows
+from leaderboard.store import STANDARDIZED_RUNNER, Store, opened_store
+from leaderboard.submit import (
+    PROTOCOLS,
+    curve_rows,
+    dataset_fingerprint,
+    dataset_name,
+    evaluate_tree,
+    result_rows,
+)
 from threecad.dataset.catalog import resolve_categories
 from threecad.dataset.layout import list_categories
 from threecad.device import resolve_device
@@ -42,6 +52,7 @@ log = logging.getLogger(__name__)
 
 RUNTIME = "runtime"
 DEFAULT_RUNS_DIR = Path("~/.threecad/runs")
+LOCK_FILE = ".lock"  # beside runs/ and maps/: serialises merges into maps/scores.csv
 
 
 # ---------------------------------------------------------------------------------------------- hardware
@@ -190,6 +201,106 @@ def run_identity(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything one standardized run needs, settled once on the driver: plain, picklable data.
+
+    A category is computed from the plan alone (:func:`compute_category`, in this process or in a
+    Ray worker) and stored from it (:func:`store_category`), so the run identity, the output folder
+    and the submission record are the same whichever process computes a category.
+    """
+
+    method: str
+    dataset: Path
+    categories: list[str]
+    out: Path
+    device: str  # "cpu" or "cuda": the device type the identity was computed for
+    size: int
+    resize: str
+    seed: int
+    config: dict[str, Any]
+    dtype: str
+    exposure: str
+    warmup: int
+    timed: int
+    eval_device: str
+    settings: dict[str, Any]
+    sha256: str
+    record: dict[str, Any]  # the store's submission record (without the per-category memory kind)
+
+
+def _identity_settings(method: str, config: dict[str, Any], seed: int, size: int, resize: str, exposure: str,
+                       dtype: str, fingerprint: str, hardware: dict[str, Any], warmup: int,
+                       timed: int) -> dict[str, Any]:
+    return {
+        "kind": "standardized-run", "method": method, "config": config, "seed": seed, "size": size,
+        "resize": resize, "exposure": exposure, "dtype": dtype, "dataset_fingerprint": fingerprint,
+        "device": hardware["device"], "gpu": hardware.get("gpu"), "warmup": warmup, "timed": timed,
+    }
+
+
+def plan_run(
+    method: str,
+    dataset: str | Path,
+    categories: list[str] | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+    size: int = 256,
+    resize: str = "squash",
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    exposure: str = "raw",
+    warmup: int = 3,
+    timed: int = 20,
+    eval_device: str = "cpu",
+    hardware: dict[str, Any] | None = None,
+) -> RunPlan:
+    """Settle a standardized run: its categories, identity (sha256 of the settings), folder and record.
+
+    ``hardware`` is what the categories will run on (:func:`hardware_info`); by default this
+    machine with ``device``. A Ray driver passes what a worker with the job's resources reported,
+    since the identity names the GPU model and the driver may have none. ``out`` defaults to
+    ``~/.threecad/runs/<run id>``. Raises before any work for an unknown method or category.
+    """
+    from threecad.methods import get_method
+
+    dataset = Path(dataset)
+    cats = resolve_categories(list_categories(dataset), categories, dataset)
+    get_method(method)  # unknown method: clear error before any work
+    if hardware is None:
+        hardware = hardware_info(resolve_device(device))
+    fingerprint = dataset_fingerprint(dataset)
+    config = dict(config or {})
+    settings = _identity_settings(method, config, seed, size, resize, exposure, dtype, fingerprint, hardware,
+                                  warmup, timed)
+    sha = run_identity(settings)
+    out = Path(out).expanduser() if out is not None else DEFAULT_RUNS_DIR.expanduser() / sha[:12]
+    record = {
+        "sha256": sha, "method": method, "version": "standardized", "family": family_of(method),
+        "source": "evaluated", "dataset_fingerprint": fingerprint, "dataset_name": dataset_name(dataset),
+        "eval_size": f"{size}x{size} {resize}",
+        "hardware": hardware, "meta": {**settings, "runner": STANDARDIZED_RUNNER},
+    }
+    return RunPlan(method, dataset, cats, out, hardware["device"], size, resize, seed, config, dtype, exposure,
+                   warmup, timed, eval_device, settings, sha, record)
+
+
+@dataclass
+class CategoryResult:
+    """One category of a run, computed: the store rows (plain dicts) and what the summary prints."""
+
+    sha256: str
+    method: str
+    category: str
+    rows: list[dict[str, Any]]
+    curves: list[dict[str, Any]]
+    memory_kind: str
+    summary: dict[str, float | None]
+    hardware: dict[str, Any]
+    seconds: float = 0.0
+
+
 def _mean_rows(store: Store, sha: str) -> list[dict[str, Any]]:
     """The run's ``mean`` rows over every category stored so far (None if any category lacks a value)."""
     from threecad.metrics.evaluator import mean_of
@@ -201,12 +312,26 @@ def _mean_rows(store: Store, sha: str) -> list[dict[str, Any]]:
     return [{"category": "mean", "protocol": p, "metric": m, "value": mean_of(v)} for (p, m), v in by_key.items()]
 
 
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if missing): parallel jobs of one run on one
+    machine take turns merging into the run's shared ``maps/scores.csv``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _keep_category(scratch: Path, out: Path, category: str) -> Path:
     """Move one category's run and maps from ``scratch`` into ``out/runs`` and ``out/maps``.
 
     ``runner.train``/``predict`` each own a whole output folder (they refuse or replace it), while a
-    standardized run fills ``out`` one category at a time: the category is produced in a scratch
-    folder and moved in, so ``out/maps`` ends as one submission covering every category run.
+    standardized run fills ``out`` one category at a time: the category is produced in its own scratch
+    folder and moved in, so ``out/maps`` ends as one submission covering every category run (also when
+    several categories of the run are computed at once, each in its own scratch folder).
     """
     for kind in ("runs", "maps"):
         target = out / kind / category
@@ -214,9 +339,73 @@ def _keep_category(scratch: Path, out: Path, category: str) -> Path:
         if target.exists():
             shutil.rmtree(target)  # this run's own earlier output for the category
         os.replace(scratch / kind / category, target)
-    write_scores(out / "maps" / SCORES_FILE, read_scores(scratch / "maps" / SCORES_FILE), merge=True)
+    with _locked(out / LOCK_FILE):
+        write_scores(out / "maps" / SCORES_FILE, read_scores(scratch / "maps" / SCORES_FILE), merge=True)
     shutil.rmtree(scratch)
     return out / "runs" / category
+
+
+def compute_category(plan: RunPlan, category: str) -> CategoryResult:
+    """Fit, predict, evaluate (both protocols) and time one category of ``plan``; touches no store.
+
+    Writes only below ``plan.out`` (the category's run folder and maps). The hardware this process
+    runs on must give the plan's identity (same device type and GPU model), else the numbers would
+    be filed under settings they were not measured with: an error, before any work.
+    """
+    from threecad.dataset.loaders import AnomalyDataset
+    from threecad.methods import get_method, load_method, runner
+
+    start = time.perf_counter()
+    torch_device = resolve_device(plan.device)
+    hardware = hardware_info(torch_device)
+    if (hardware["device"], hardware.get("gpu")) != (plan.settings["device"], plan.settings["gpu"]):
+        raise ThreecadError(f"{plan.method}/{category}: this worker has {hardware['device']} "
+                            f"{hardware.get('gpu') or ''} but run {plan.sha256[:12]} was planned for "
+                            f"{plan.settings['device']} {plan.settings['gpu'] or ''}; give every job the same kind of "
+                            "hardware (one GPU model per benchmark)")
+    out = plan.out
+    scratch = out / f".category-{category}"  # this category's run and maps, then kept beside the others
+    runner.train(plan.method, plan.dataset, [category], out=scratch / "runs", device=str(torch_device),
+                 size=plan.size, resize=plan.resize, seed=plan.seed, config=plan.config, exposure=plan.exposure,
+                 overwrite=True)
+    runner.predict(scratch / "runs" / category, plan.dataset, scratch / "maps", dtype=plan.dtype,
+                   device=str(torch_device), overwrite=True)
+    run_dir = _keep_category(scratch, out, category)
+    results = {p: evaluate_tree(out / "maps", plan.dataset, p, [category], device=plan.eval_device)
+               for p in PROTOCOLS}
+    model = load_method(run_dir, **({"device": str(torch_device)}
+                                    if "device" in get_method(plan.method).config_keys() else {}))
+    test_set = AnomalyDataset(plan.dataset, category, "test", size=plan.size, resize=plan.resize,
+                              exposure=plan.exposure)
+    images = [test_set[i]["image"] for i in range(min(len(test_set), plan.warmup + plan.timed))]
+    timing = time_inference(model, images, torch_device, plan.warmup, plan.timed)
+    fit_s = runner.read_run(run_dir).get("timings", {}).get("fit_s")
+    rows = [row for r in results.values() for row in result_rows(r) if row["category"] != "mean"]
+    rows += [{**row, "category": category} for row in timing.rows()]
+    rows.append({"category": category, "protocol": RUNTIME, "metric": "fit_s", "value": fit_s})
+    curves = [row for r in results.values() for row in curve_rows(r)]
+    summary = {
+        **{f"{p}:{m}": v for p, r in results.items() for m, v in r["categories"][category].items()},
+        "latency_ms": timing.mean_ms, "peak_memory_mb": timing.peak_memory_mb,
+    }
+    log.info("%s: computed (latency %.1f ms/image, peak memory %s MB)", category, timing.mean_ms,
+             None if timing.peak_memory_mb is None else round(timing.peak_memory_mb))
+    return CategoryResult(plan.sha256, plan.method, category, rows, curves, timing.memory_kind, summary,
+                          hardware, time.perf_counter() - start)
+
+
+def store_category(db: Store, plan: RunPlan, result: CategoryResult) -> None:
+    """Write one computed category and the run's updated ``mean`` rows (the driver's side of a job)."""
+    if result.sha256 != plan.sha256:
+        raise ThreecadError(f"result of run {result.sha256[:12]} offered to run {plan.sha256[:12]}")
+    record = {**plan.record, "meta": {**plan.record["meta"], "memory_kind": result.memory_kind}}
+    db.add_submission(record, result.rows, result.curves, replace_results=True)
+    db.add_submission(plan.record, _mean_rows(db, plan.sha256), replace_results=True)
+
+
+def done_categories(db: Store, sha256: str) -> set[str]:
+    """Categories of a run already stored under every protocol and the runtime (finished jobs)."""
+    return db.categories_done(sha256, [*PROTOCOLS, RUNTIME])
 
 
 def standardized_run(
@@ -239,68 +428,22 @@ def standardized_run(
     """Fit, predict, evaluate (both protocols) and time ``method`` per category; results go to the store.
 
     ``out`` holds run folders and maps (default ``~/.threecad/runs/<run id>``). Categories whose
-    results are already stored for this exact run are skipped.
+    results are already stored for this exact run are skipped. Each category is one
+    :func:`compute_category` then :func:`store_category`, the same two steps a benchmark job takes
+    (:mod:`leaderboard.benchmark`).
     """
-    from threecad.dataset.loaders import AnomalyDataset
-    from threecad.methods import get_method, load_method, runner
-
-    dataset = Path(dataset)
-    cats = resolve_categories(list_categories(dataset), categories, dataset)
-    get_method(method)  # unknown method: clear error before any work
-    torch_device = resolve_device(device)
-    hardware = hardware_info(torch_device)
-    fingerprint = dataset_fingerprint(dataset)
-    settings = {
-        "kind": "standardized-run", "method": method, "config": config or {}, "seed": seed, "size": size,
-        "resize": resize, "exposure": exposure, "dtype": dtype, "dataset_fingerprint": fingerprint,
-        "device": torch_device.type, "gpu": hardware.get("gpu"), "warmup": warmup, "timed": timed,
-    }
-    sha = run_identity(settings)
-    out = Path(out).expanduser() if out is not None else DEFAULT_RUNS_DIR.expanduser() / sha[:12]
-    own_store = not isinstance(store, Store)
-    db = Store(store) if own_store else store
-    record = {
-        "sha256": sha, "method": method, "version": "standardized", "family": family_of(method),
-        "source": "evaluated", "dataset_fingerprint": fingerprint, "eval_size": f"{size}x{size} {resize}",
-        "hardware": hardware, "meta": {**settings, "runner": STANDARDIZED_RUNNER},
-    }
-    summary = RunSummary(sha, method)
-    try:
-        finished = db.categories_done(sha, [*PROTOCOLS, RUNTIME])
-        for category in cats:
+    plan = plan_run(method, dataset, categories, out, device, size, resize, seed, config, dtype, exposure, warmup,
+                    timed, eval_device)
+    summary = RunSummary(plan.sha256, method)
+    with opened_store(store) as db:
+        finished = done_categories(db, plan.sha256)
+        for category in plan.categories:
             if category in finished:
-                log.info("%s: already stored for run %s; skipped", category, sha[:12])
+                log.info("%s: already stored for run %s; skipped", category, plan.sha256[:12])
                 summary.skipped.append(category)
                 continue
-            scratch = out / ".category"  # this category's run and maps, then kept beside the others
-            runner.train(method, dataset, [category], out=scratch / "runs", device=str(torch_device),
-                         size=size, resize=resize, seed=seed, config=config, exposure=exposure, overwrite=True)
-            runner.predict(scratch / "runs" / category, dataset, scratch / "maps", dtype=dtype,
-                           device=str(torch_device), overwrite=True)
-            run_dir = _keep_category(scratch, out, category)
-            results = {p: evaluate_tree(out / "maps", dataset, p, [category], device=eval_device)
-                       for p in PROTOCOLS}
-            model = load_method(run_dir, **({"device": str(torch_device)}
-                                            if "device" in get_method(method).config_keys() else {}))
-            test_set = AnomalyDataset(dataset, category, "test", size=size, resize=resize, exposure=exposure)
-            images = [test_set[i]["image"] for i in range(min(len(test_set), warmup + timed))]
-            timing = time_inference(model, images, torch_device, warmup, timed)
-            fit_s = runner.read_run(run_dir).get("timings", {}).get("fit_s")
-            rows = [row for r in results.values() for row in result_rows(r) if row["category"] != "mean"]
-            rows += [{**row, "category": category} for row in timing.rows()]
-            rows.append({"category": category, "protocol": RUNTIME, "metric": "fit_s", "value": fit_s})
-            curves = [row for r in results.values() for row in curve_rows(r)]
-            db.add_submission({**record, "meta": {**record["meta"], "memory_kind": timing.memory_kind}},
-                              rows, curves, replace_results=True)
-            db.add_submission(record, _mean_rows(db, sha), replace_results=True)
+            result = compute_category(plan, category)
+            store_category(db, plan, result)
             summary.done.append(category)
-            summary.results[category] = {
-                **{f"{p}:{m}": v for p, r in results.items() for m, v in r["categories"][category].items()},
-                "latency_ms": timing.mean_ms, "peak_memory_mb": timing.peak_memory_mb,
-            }
-            log.info("%s: stored (latency %.1f ms/image, peak memory %s MB)", category, timing.mean_ms,
-                     None if timing.peak_memory_mb is None else round(timing.peak_memory_mb))
-    finally:
-        if own_store:
-            db.close()
+            summary.results[category] = result.summary
     return summary

@@ -34,7 +34,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from leaderboard.tables import csv_cell, csv_uncell, one_line
+from leaderboard.tables import csv_cell, csv_uncell, dataset_text, one_line
 from threecad.errors import ThreecadError, located
 from threecad.io import write_text
 
@@ -48,7 +48,7 @@ SOURCES = ("evaluated", "reported")
 #: column holds a JSON object we produced ourselves (see :func:`hardware_label`).
 STANDARDIZED_RUNNER = "leaderboard.standardized.standardized_run"
 #: Text columns of a submission / result record: each is a string or absent, never a number or object.
-TEXT_FIELDS = ("sha256", "method", "version", "family", "source", "dataset_fingerprint", "created_at")
+TEXT_FIELDS = ("sha256", "method", "version", "family", "source", "dataset_fingerprint", "dataset_name", "created_at")
 RESULT_TEXT_FIELDS = ("category", "protocol", "metric", "timestamp")
 #: What ``PRAGMA quick_check`` / ``integrity_check`` may list before stopping (SQLite's own default).
 MAX_CHECK_PROBLEMS = 100
@@ -56,8 +56,10 @@ MAX_CHECK_PROBLEMS = 100
 #: The columns of a result row, as exported and imported.
 RESULT_COLUMNS = (
     "method", "version", "family", "category", "protocol", "metric", "value", "submission_sha256",
-    "dataset_fingerprint", "eval_size", "hardware", "timestamp", "source",
+    "dataset_fingerprint", "eval_size", "hardware", "timestamp", "source", "dataset_name",
 )
+#: Columns an import may lack: exports written before schema 3 have no ``dataset_name``.
+OPTIONAL_IMPORT_COLUMNS = frozenset({"dataset_name"})
 
 # Each entry upgrades the schema from version i to i + 1. Never edit a released step: add one.
 MIGRATIONS: tuple[str, ...] = (
@@ -105,6 +107,15 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (submission_sha256, category, protocol, kind)
     );
     CREATE INDEX results_lookup ON results (protocol, metric, source);
+    """,
+    # 2 -> 3: the dataset's name beside its fingerprint, so tables can group by dataset. Older
+    # evaluated rows keep their fingerprint and get no name (shown as the fingerprint prefix);
+    # the paper's rows are 3CAD by definition.
+    """
+    ALTER TABLE submissions ADD COLUMN dataset_name TEXT;
+    ALTER TABLE results ADD COLUMN dataset_name TEXT;
+    UPDATE submissions SET dataset_name = '3CAD' WHERE source = 'reported';
+    UPDATE results SET dataset_name = '3CAD' WHERE source = 'reported';
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -355,7 +366,9 @@ class Store:
         """Store a submission and its results in one transaction; ``False`` if its sha256 was already there.
 
         ``submission`` needs ``sha256``, ``method`` and ``source``; optional ``version``, ``family``,
-        ``dataset_fingerprint``, ``eval_size``, ``hardware``, ``meta`` (dicts are stored as JSON).
+        ``dataset_fingerprint``, ``dataset_name`` (what tables group by with the fingerprint; None when
+        unknown, shown as the fingerprint prefix), ``eval_size``, ``hardware``, ``meta`` (dicts are
+        stored as JSON).
         Each result needs ``category``, ``protocol``, ``metric``, ``value``; submission fields fill the rest.
         With ``replace_results`` an existing submission gets these results added (standardized runs
         that resume category by category); otherwise an existing submission is left untouched.
@@ -370,9 +383,9 @@ class Store:
             if not exists:
                 conn.execute(
                     "INSERT INTO submissions (sha256, method, version, family, source, dataset_fingerprint, "
-                    "eval_size, meta, created_at, hardware) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    tuple(sub[k] for k in ("sha256", "method", "version", "family", "source",
-                                           "dataset_fingerprint", "eval_size", "meta", "created_at", "hardware")),
+                    "eval_size, meta, created_at, hardware, dataset_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    tuple(sub[k] for k in ("sha256", "method", "version", "family", "source", "dataset_fingerprint",
+                                           "eval_size", "meta", "created_at", "hardware", "dataset_name")),
                 )
             conn.executemany(
                 f"INSERT OR REPLACE INTO results ({', '.join(RESULT_COLUMNS)}) "
@@ -387,7 +400,7 @@ class Store:
         from leaderboard import reported
 
         by_method: dict[str, list[dict[str, Any]]] = {}
-        for row in reported.reported_rows():
+        for row in reported.reported_rows():  # the digest covers these rows only: adding fields changes no key
             by_method.setdefault(row["method"], []).append(row)
         added = 0
         for method, rows in by_method.items():
@@ -396,7 +409,7 @@ class Store:
                 continue
             sub = {
                 "sha256": digest, "method": method, "version": "paper", "family": rows[0]["family"],
-                "source": "reported", "eval_size": "256x256",
+                "source": "reported", "eval_size": "256x256", "dataset_name": reported.DATASET,
                 "meta": {"paper": reported.PAPER, "protocol": reported.PROTOCOL},
             }
             added += self.add_submission(sub, rows)
@@ -541,7 +554,7 @@ class Store:
                 raise ThreecadError(f"not a leaderboard JSON export ({exc})", path) from None
         else:
             reader = csv.DictReader(io.StringIO(text))
-            missing = set(RESULT_COLUMNS) - set(reader.fieldnames or ())
+            missing = set(RESULT_COLUMNS) - set(reader.fieldnames or ()) - OPTIONAL_IMPORT_COLUMNS
             if missing:
                 raise ThreecadError(f"not a leaderboard CSV export: missing columns {', '.join(sorted(missing))}", path)
             rows = []
@@ -550,7 +563,8 @@ class Store:
                     row["value"] = None if row["value"] in ("", None) else float(row["value"])
                 except ValueError:
                     raise ThreecadError(f"line {line}: value {row['value']!r} is not a number", path) from None
-                rows.append({k: (None if v in ("", None) else csv_uncell(v)) for k, v in row.items()})
+                rows.append({k: (None if v in ("", None) else csv_uncell(v)) for k, v in row.items()
+                             if k in RESULT_COLUMNS})
         grouped: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             if not row.get("submission_sha256"):
@@ -560,7 +574,8 @@ class Store:
         for sha, sub_rows in grouped.items():
             first = sub_rows[0]
             sub = subs.get(sha) or {k: first.get(k) for k in (
-                "method", "version", "family", "dataset_fingerprint", "eval_size", "hardware", "source")}
+                "method", "version", "family", "dataset_fingerprint", "dataset_name", "eval_size", "hardware",
+                "source")}
             sub = {**sub, "sha256": sha, "method": sub.get("method") or first.get("method"),
                    "source": sub.get("source") or first.get("source")}
             with located(path):  # every record checked before the first is written
@@ -572,6 +587,18 @@ class Store:
             records.append((sub, sub_rows, curves.get(sha, ())))
         added = sum(self.add_submission(*record) for record in records)
         return {"added": added, "skipped": len(records) - added, "rows": len(rows)}
+
+
+@contextmanager
+def opened_store(store: Store | str | Path | None, readonly: bool = False) -> Iterator[Store]:
+    """``store`` itself when it is an open :class:`Store` (the caller keeps it open), otherwise the
+    store at that path (the default store for ``None``), closed on exit. Library functions take
+    either, so a caller running many jobs can keep one connection."""
+    if isinstance(store, Store):
+        yield store
+        return
+    with Store(store, readonly=readonly) as db:
+        yield db
 
 
 def hardware_label(sub: dict[str, Any]) -> str:
@@ -595,13 +622,16 @@ def hardware_label(sub: dict[str, Any]) -> str:
 
 
 def format_submissions(subs: Iterable[dict[str, Any]]) -> str:
-    """One line per stored submission (``3cad leaderboard list``); every text field through
+    """One line per stored submission (``3cad leaderboard list``): sha256 prefix, source, method,
+    version, evaluation size, dataset (name and ``sha256:`` fingerprint prefix, see
+    :func:`~leaderboard.tables.dataset_text`), results, time, hardware. Every text field goes through
     :func:`~leaderboard.tables.one_line`, so a name cannot add lines or terminal escapes."""
     lines = []
     for sub in subs:
         lines.append(f"{one_line(sub['sha256'][:12])}  {one_line(sub['source']):9s}  {one_line(sub['method']):12s} "
                      f"{one_line(sub['version'] or '-'):14s} {one_line(sub['eval_size'] or '-'):14s} "
-                     f"{sub['n_results']:4d} results  {one_line(sub['created_at'])}  {hardware_label(sub)}")
+                     f"{dataset_text(sub):28s} {sub['n_results']:4d} results  {one_line(sub['created_at'])}  "
+                     f"{hardware_label(sub)}")
     return "".join(line + "\n" for line in lines)
 
 
@@ -628,6 +658,10 @@ def _normalise_submission(sub: dict[str, Any]) -> dict[str, Any]:
     if sub["source"] not in SOURCES:
         raise ThreecadError(f"source must be evaluated or reported, not {sub['source']!r}")
     out = {k: _text_or_none(sub, k, "submission record") for k in TEXT_FIELDS}
+    if out["source"] == "reported" and out["dataset_name"] is None:  # an import from before schema 3
+        from leaderboard.reported import DATASET
+
+        out["dataset_name"] = DATASET
     if sub.get("meta") is not None and not isinstance(sub["meta"], dict):
         raise ThreecadError(f"submission record {str(sub['sha256'])[:12]}: 'meta' must be an object, "
                             f"not {type(sub['meta']).__name__}")
@@ -649,10 +683,11 @@ def _result_row(sub: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
         raise ThreecadError(f"result row {result.get('category')}/{result.get('metric')}: value {value!r} "
                             "is not a finite number")
     row["submission_sha256"] = sub["sha256"]
-    for key in ("method", "version", "family", "dataset_fingerprint", "eval_size", "hardware", "source"):
+    for key in ("method", "version", "family", "dataset_fingerprint", "dataset_name", "eval_size", "hardware",
+                "source"):
         if row.get(key) is None:
             row[key] = sub.get(key)
-    for key in (*RESULT_TEXT_FIELDS, "method", "version", "family", "dataset_fingerprint", "source"):
+    for key in (*RESULT_TEXT_FIELDS, "method", "version", "family", "dataset_fingerprint", "dataset_name", "source"):
         _text_or_none(row, key, "result row")
     if row["source"] not in SOURCES:
         raise ThreecadError(f"result row source must be evaluated or reported, not {row['source']!r}")

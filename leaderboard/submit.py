@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leaderboard.reported import DATASET as DATASET_3CAD
 from leaderboard.reported import family_of
-from leaderboard.store import Store
+from leaderboard.store import Store, opened_store
 from leaderboard.validate import (
     Limits,
     SubmissionRejected,
@@ -30,17 +31,45 @@ from threecad.metrics import PROTOCOLS
 
 log = logging.getLogger(__name__)
 
-_fingerprints: dict[str, str] = {}
+_reports: dict[str, Any] = {}  # resolved dataset root -> its VerifyReport (with fingerprint)
+
+
+def _verified(dataset: str | Path):
+    """``verify_dataset(dataset, fingerprint=True)``, once per process and path: the fingerprint and
+    the full-3CAD test both need it, and hashing a full copy takes minutes."""
+    from threecad.dataset.verify import verify_dataset
+
+    key = str(Path(dataset).resolve())
+    if key not in _reports:
+        _reports[key] = verify_dataset(dataset, fingerprint=True)
+    return _reports[key]
 
 
 def dataset_fingerprint(dataset: str | Path) -> str:
     """The dataset's content fingerprint (``threecad.dataset.verify``), cached per process and path."""
-    from threecad.dataset.verify import verify_dataset
+    return _verified(dataset).fingerprint
 
-    key = str(Path(dataset).resolve())
-    if key not in _fingerprints:
-        _fingerprints[key] = verify_dataset(dataset, fingerprint=True).fingerprint
-    return _fingerprints[key]
+
+def dataset_name(dataset: str | Path) -> str:
+    """The name stored beside the fingerprint, which the tables group by (with the fingerprint).
+
+    ``3CAD`` for a copy that ``3cad data verify`` accepts as full 3CAD (all eight categories, the
+    paper's Table 1 counts, no problems): its rows then sit in one section with the paper's. Any
+    other dataset is named by its root folder; a folder called ``3CAD`` (any case) that is not a full
+    copy gets `` (not full 3CAD)`` appended, so a subset is never ranked beside the paper's means.
+    Datasets carry no declared name of their own; callers that know better pass one to :func:`submit`.
+    """
+    from threecad.dataset.layout import list_categories
+    from threecad.dataset.verify import _strict
+
+    root = Path(dataset).resolve()
+    if _strict(list_categories(root), "auto"):  # only then is the (cached) full check worth running
+        report = _verified(root)
+        if report.strict and report.ok:
+            return DATASET_3CAD
+    if root.name.casefold() == DATASET_3CAD.casefold():
+        return f"{root.name} (not full {DATASET_3CAD})"
+    return root.name
 
 
 def evaluate_tree(
@@ -108,17 +137,19 @@ def submit(
     limits: Limits = Limits(),
     fingerprint: str | None = None,
     workdir: str | Path | None = None,
+    name: str | None = None,
 ) -> SubmitResult:
     """Validate, evaluate (``mvtec`` and ``3cad-paper``) and store a submission; idempotent by content.
+
+    The stored dataset fingerprint is ``fingerprint`` or :func:`dataset_fingerprint`, its name ``name``
+    or :func:`dataset_name`.
 
     Raises :class:`SubmissionRejected` (with the full report) before touching the store when the
     submission is invalid.
     """
     dataset = Path(dataset)
     cats = _check_categories(dataset, categories)
-    own_store = not isinstance(store, Store)
-    db = Store(store) if own_store else store
-    try:
+    with opened_store(store) as db:
         try:
             with open_submission(submission, limits, workdir) as root:
                 report = validate_tree(root, dataset, cats, limits, label=str(submission))
@@ -139,12 +170,10 @@ def submit(
         record = {
             "sha256": sha, "method": method, "version": meta.get("version"), "family": family,
             "source": "evaluated", "dataset_fingerprint": fingerprint or dataset_fingerprint(dataset),
+            "dataset_name": name or dataset_name(dataset),
             "eval_size": size, "hardware": meta.get("hardware"), "meta": meta,
         }
         rows = [row for r in results.values() for row in result_rows(r)]
         curves = [row for r in results.values() for row in curve_rows(r)]
         stored = db.add_submission(record, rows, curves)
         return SubmitResult(sha, stored, method, report, results)
-    finally:
-        if own_store:
-            db.close()

@@ -118,7 +118,7 @@ def test_migration_from_version_1_keeps_data(tmp_path):
     conn.commit()
     conn.close()
     with Store(path, seed_reported=False) as db:
-        assert db.schema_version() == SCHEMA_VERSION == 2
+        assert db.schema_version() == SCHEMA_VERSION == 3
         rows = db.results()
         assert len(rows) == 1 and rows[0]["value"] == 0.75 and rows[0]["hardware"] is None
         assert db.curves() == []  # the table added by step 2 exists

@@ -94,7 +94,7 @@ def test_reported_tables_match_the_paper_cell_by_cell(store, pair, published):
     text = render_table(store, pair=pair, fmt="md", source="reported")
     assert "protocol 3cad-paper" in text.splitlines()[0] and "source reported" in text.splitlines()[0]
     header, rows, families = _md_rows(text)
-    assert header == ["Family", "Method", *HEADER]
+    assert header == ["Family", "Method", *HEADER[:-1], "Mean (8/8)"]  # every mean covers all 8 categories
     assert list(rows) == [m for fam in reported.FAMILIES.values() for m in fam]  # grouped by family
     assert families == FAMILY
     marks = _expected_marks(published)
@@ -116,8 +116,9 @@ def test_pair_order_and_single_metric_and_csv(store):
     assert _plain(rows["CFRG"][0]) == "34.6/91.1"
     single = render_table(store, metric="i_auroc", fmt="csv", source="reported")
     parsed = list(csv.reader(io.StringIO(single)))
-    assert parsed[0][4:] == [f"{h}/i_auroc" for h in HEADER]
-    by_method = {r[1]: r[4:] for r in parsed[1:]}
+    assert parsed[0][4:] == [*(f"{h}/i_auroc" for h in HEADER), "dataset", "mean_over"]
+    assert {(r[-2], r[-1]) for r in parsed[1:]} == {("3CAD", "8/8")}
+    by_method = {r[1]: r[4:-2] for r in parsed[1:]}
     for method, row in TABLE4.items():
         assert by_method[method] == [pair.split("/")[0] for pair in row.split(", ")]
 
@@ -134,7 +135,7 @@ def test_latex_and_html_mark_best_and_second(store):
 
 def test_protocols_and_sources_are_not_mixed(store):
     store.add_submission(
-        {"sha256": "e" * 64, "method": "Mine", "version": "1", "source": "evaluated"},
+        {"sha256": "e" * 64, "method": "Mine", "version": "1", "source": "evaluated", "dataset_name": "3CAD"},
         [{"category": "Aluminum_Ipad", "protocol": "mvtec", "metric": "p_auroc", "value": 0.99},
          {"category": "Aluminum_Ipad", "protocol": "3cad-paper", "metric": "p_auroc", "value": 0.5}],
     )

@@ -99,9 +99,7 @@ class FeatureExtractor(BackboneTaps):
         for p in self.body.parameters():
             p.requires_grad_(False)
         self.dtype = dtype
-        if micro_batch != "auto" and micro_batch is not None and (not isinstance(micro_batch, int) or micro_batch < 1):
-            raise ThreecadError(f"micro_batch must be a positive integer, None or 'auto', got {micro_batch!r}")
-        self._micro_batch = micro_batch
+        self.micro_batch = micro_batch
         self.body.to(target, memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(spec.mean, device=target).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std, device=target).view(1, 3, 1, 1), persistent=False)
@@ -119,6 +117,13 @@ class FeatureExtractor(BackboneTaps):
         if self._micro_batch == "auto":
             return 4 if self.device.type == "cpu" else None
         return self._micro_batch
+
+    @micro_batch.setter
+    def micro_batch(self, value: int | None | str) -> None:
+        """A piece size, ``None`` (whole batches: what a graph export with a dynamic batch needs) or ``"auto"``."""
+        if value != "auto" and value is not None and (not isinstance(value, int) or value < 1):
+            raise ThreecadError(f"micro_batch must be a positive integer, None or 'auto', got {value!r}")
+        self._micro_batch = value
 
     @property
     def device(self) -> torch.device:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from threecad.backbones import efficientnet, resnet
+from threecad.backbones import efficientnet, resnet, tv_efficientnet
 from threecad.backbones.weights import WEIGHTS, WeightSpec, load_weights, resolve_weights
 from threecad.errors import ThreecadError
 
@@ -22,6 +22,8 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "efficientnet_b0": lambda image_size=224: efficientnet.efficientnet("efficientnet_b0", image_size),
     "efficientnet_lite0": lambda image_size=None: efficientnet.efficientnet("efficientnet_lite0", image_size),
     "efficientnet_lite2": lambda image_size=None: efficientnet.efficientnet("efficientnet_lite2", image_size),
+    # torchvision's layout (UniAD's and CRAD's backbone), so torchvision's hub file loads strictly.
+    "efficientnet_b4": lambda: tv_efficientnet.tv_efficientnet("efficientnet_b4"),
 }
 
 DEFAULT_BACKBONE = "efficientnet_lite0"

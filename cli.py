@@ -560,11 +560,13 @@ def evaluate_cmd(dataset, predictions, protocol, categories, json_out, device, s
     """Score a predictions folder: I-AUROC, P-AUROC, AU-PRO, pixel AP, image and pixel F1-max."""
     from threecad.io import write_json
     from threecad.metrics import evaluate_predictions, format_table
+    from threecad.metrics.pixels import parse_memory_budget
 
+    budget = parse_memory_budget(memory_budget)  # a bad value fails before any map is read
     result = evaluate_predictions(dataset, predictions, protocol=protocol, categories=_names(categories),
                                   device=device, size=_parse_size(size) if size else None, curves=curves,
                                   scores="auto" if image_scores == "auto" else None,
-                                  memory_budget=None if memory_budget.lower() == "none" else memory_budget,
+                                  memory_budget=budget,
                                   spill_dir=spill_dir)
     if json_out is not None:
         write_json(json_out, result)

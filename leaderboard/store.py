@@ -153,7 +153,7 @@ def _connect(path: Path, readonly: bool) -> sqlite3.Connection:
         raise ThreecadError("is a folder, not a leaderboard store file; pass the store's .sqlite file", path)
     if readonly and not path.exists():
         raise ThreecadError(f"no store at {path}; check --store (or $THREECAD_STORE): only "
-                            "`3cad leaderboard submit`, `run` and `import` create one")
+                            "`3cad leaderboard submit`, `run`, `benchmark` and `import` create one")
     if not readonly:
         path.parent.mkdir(parents=True, exist_ok=True)
     target = path.absolute().as_uri() + "?mode=ro" if readonly else str(path)

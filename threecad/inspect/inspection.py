@@ -51,16 +51,21 @@ OUTPUTS = ("maps", "overlays", "results.csv", "summary.json")
 OK, NG = "OK", "NG"
 
 
-def _prepare_out(out: Path, overwrite: bool, run: Path) -> None:
+def _check_out(out: Path, overwrite: bool, run: Path) -> None:
+    """Refuse a bad OUT before any model is loaded; nothing is removed here."""
     real = Path(os.path.realpath(out))
     run_real = Path(os.path.realpath(run))
     if real == run_real or real in run_real.parents:
         raise ThreecadError("the output folder holds the run; choose another --out", out)
     if out.exists() and not out.is_dir():
         raise ThreecadError("output path exists and is not a folder", out)
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ThreecadError("output folder is not empty; pass --overwrite to replace inspect's outputs in it", out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ThreecadError("output folder is not empty; pass --overwrite to replace inspect's outputs in it", out)
+
+
+def _prepare_out(out: Path) -> None:
+    """OUT with inspect's own earlier outputs removed (only once the model has loaded)."""
+    if out.is_dir():
         for name in OUTPUTS:
             path = out / name
             if path.is_dir() and not path.is_symlink():
@@ -119,8 +124,9 @@ def inspect(run: str | Path, inputs: list[str | Path], out: str | Path, *, tile:
         if differ:
             log.warning("the calibration was made with other windows (%s); run `3cad calibrate` again with them",
                         ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items()))
+    _check_out(out, overwrite, run)
     predictor = load_predictor(run, engine, model, threads)
-    _prepare_out(out, overwrite, run)
+    _prepare_out(out)
     image_t, pixel_t = chosen["image_threshold"], chosen["pixel_threshold"]
     if image_t is None:
         log.warning("%s has no calibration and no --threshold was given: scores and maps are written, no decision; "

@@ -51,12 +51,12 @@ RECORD_BYTES = 64
 
 
 def parse_memory_budget(value: int | float | str | None) -> int | None:
-    """A memory budget in bytes from ``4e9``, ``"4GB"``, ``"512MiB"``, ``"2G"`` (None: unlimited).
+    """A memory budget in bytes from ``4e9``, ``"4GB"``, ``"512MiB"``, ``"2G"`` (None or ``"none"``: unlimited).
 
     Units: B, kB / KB, MB, GB, TB (powers of 1000) and KiB, MiB, GiB, TiB (powers of 1024); K, M,
     G, T alone are taken as powers of 1000.
     """
-    if value is None:
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         number, unit = float(value), ""

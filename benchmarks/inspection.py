@@ -53,7 +53,10 @@ def _line_frames(work: Path, count: int) -> tuple[Path, list[Path]]:
     return raw, frames[:count]
 
 
-def _best(fn, repeats: int) -> float:
+def best_time(fn, repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn``, after one untimed warm-up call (lazy
+    initialisation: thread pools, onnxruntime's first run). ``benchmarks/onnx_speed.py`` uses it too."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -86,9 +89,9 @@ def main() -> None:
         windows = [[np.ascontiguousarray(f[y0:y1, x0:x1]) for x0, y0, x1, y1 in boxes] for f in frames]
         torch_predictor = load_predictor(run, "torch", threads=threads)
         torch_predictor.predict(windows[0])  # warm-up
-        t_windows = _best(lambda: [torch_predictor.predict(w) for w in windows], args.repeats)
+        t_windows = best_time(lambda: [torch_predictor.predict(w) for w in windows], args.repeats)
         maps = [torch_predictor.predict(w)[1] for w in windows]
-        t_stitch = _best(lambda: [stitch(m, boxes, HEIGHT, WIDTH, "max") for m in maps], args.repeats)
+        t_stitch = best_time(lambda: [stitch(m, boxes, HEIGHT, WIDTH, "max") for m in maps], args.repeats)
         folder = work / "frames"
         for p, f in zip(paths, frames):
             save_image(folder / p.name, f)
@@ -113,7 +116,7 @@ def main() -> None:
             model = export_onnx(run, work / "model.onnx")
             onnx_predictor = OnnxPredictor(model, threads=threads)
             onnx_predictor.predict(windows[0])
-            t_onnx = _best(lambda: [onnx_predictor.predict(w) for w in windows], args.repeats)
+            t_onnx = best_time(lambda: [onnx_predictor.predict(w) for w in windows], args.repeats)
             result["onnxruntime_windows_frames_per_s"] = round(n / t_onnx, 3)
             result["onnxruntime_speedup"] = round(t_windows / t_onnx, 3)
     print(f"inspect benchmark: {n} frames {WIDTH}x{HEIGHT}, {len(boxes)} windows of {tile} px "

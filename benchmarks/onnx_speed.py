@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inspection import best_time  # noqa: E402
 
 TINY = {
     "patchcore": {"calibration_images": 3},
@@ -35,16 +37,6 @@ TINY = {
     "simplenet": {"epochs": 1, "encoder": "efficientnet_lite0"},
     "cfrg": {"epochs": 1, "teacher": "efficientnet_lite0"},
 }
-
-
-def _best(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -81,8 +73,8 @@ def main() -> None:
                 torch.set_num_threads(threads)
                 onnx = OnnxPredictor(model, threads=threads)
                 for batch in args.batches:
-                    t_torch = _best(lambda e=loaded, b=batch: e.predict(images, batch_size=b), args.repeats)
-                    t_onnx = _best(lambda e=onnx, b=batch: e.predict(images, batch_size=b), args.repeats)
+                    t_torch = best_time(lambda e=loaded, b=batch: e.predict(images, batch_size=b), args.repeats)
+                    t_onnx = best_time(lambda e=onnx, b=batch: e.predict(images, batch_size=b), args.repeats)
                     print(json.dumps({"method": name, "size": args.size, "threads": threads, "batch": batch,
                                       "torch_images_per_s": round(len(images) / t_torch, 2),
                                       "onnxruntime_images_per_s": round(len(images) / t_onnx, 2),

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import socket
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -256,6 +257,20 @@ def _import_ray():
     return ray
 
 
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A one-line error when a ``HOST:PORT`` head address does not answer, instead of Ray's minutes
+    of retries. ``auto`` and ``ray://`` addresses are left to Ray (they are resolved differently)."""
+    if address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ThreecadError(f"cannot reach the Ray head at {address} ({exc}): start it with `ray start --head` "
+                            "there, or check --address") from None
+
+
 def _installed() -> bool:
     """Whether threecad is installed (``pip install``, also ``-e``): then a worker of the same Python
     imports it without help, and the jobs can use Ray's already started default workers."""
@@ -282,8 +297,13 @@ class _RayExecutor:
                 log.info("starting a local Ray instance")
                 self.ray.init(include_dashboard=None, logging_level=logging.WARNING)
             else:
+                _check_reachable(address)
                 log.info("joining the Ray cluster at %s", address)
-                self.ray.init(address=address, logging_level=logging.WARNING)
+                try:
+                    self.ray.init(address=address, logging_level=logging.WARNING)
+                except (ConnectionError, RuntimeError, TimeoutError) as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+                    raise ThreecadError(f"cannot join the Ray cluster at {address}: {first}") from None
             self.started = True
         options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus, "max_retries": 0}
         if memory_gb:

@@ -242,3 +242,17 @@ def test_methods_all_and_per_method_settings(monkeypatch):
 if __name__ == "__main__":
     role, work, dataset, address = sys.argv[1:5]
     {"driver": _driver}[role](Path(work), Path(dataset), address)
+
+
+def test_an_unreachable_head_address_is_one_line_at_once(tmp_path):
+    """Ray would retry for minutes; a HOST:PORT that refuses connections fails before Ray is asked."""
+    import socket
+
+    with socket.socket() as free:  # a port nobody listens on once closed
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    started = time.perf_counter()
+    with pytest.raises(ThreecadError, match=f"cannot reach the Ray head at 127.0.0.1:{port}"):
+        bench._check_reachable(f"127.0.0.1:{port}")
+    assert time.perf_counter() - started < 5
+    bench._check_reachable("auto")  # resolved by Ray itself: not probed
